@@ -30,6 +30,8 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_reg import EarlyStopping
+
 
 def flip_labels(y: np.ndarray, fraction: float, classes: int, seed: int) -> np.ndarray:
     """Copy ``y`` with ``fraction`` of the labels moved to another, random class."""
@@ -130,7 +132,11 @@ def runs() -> list[Run]:
     """The baseline and the regularized recipe (extended as callbacks land)."""
     return [
         Run("baseline", dict(dropout=0.0, weight_decay=0.0)),
-        Run("regularized", dict(dropout=0.3, weight_decay=0.05)),
+        Run(
+            "regularized",
+            dict(dropout=0.3, weight_decay=0.05),
+            lambda: [EarlyStopping("val_loss", patience=15)],
+        ),
     ]
 
 

@@ -3,6 +3,8 @@
 Add the callbacks to ``Trainer(callbacks=[...])``; your LightningModule stays as it is.
 """
 
+from lightning_reg.early_stopping import EarlyStopping
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["EarlyStopping", "__version__"]

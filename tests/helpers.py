@@ -31,10 +31,11 @@ class BlobsDataModule(pl.LightningDataModule):
 
     def __init__(
         self, n_train: int = 256, n_val: int = 128, dim: int = 16, classes: int = 4,
-        batch_size: int = 32, label_noise: float = 0.0, seed: int = 0,
+        batch_size: int = 32, label_noise: float = 0.0, seed: int = 0, shuffle: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         self.dim, self.classes, self.batch_size = dim, classes, batch_size
+        self.shuffle = shuffle
         full = make_blobs(n_train + n_val, dim, classes, seed)
         x, y = full.tensors
         y = y.clone()
@@ -46,7 +47,7 @@ class BlobsDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(x[n_train:], y[n_train:])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)
@@ -131,3 +132,53 @@ def trainer_kwargs(tmp_path: Any, **overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+class ScriptedClassifier(TinyClassifier):
+    """Trains for real, but logs ``val_loss`` from a script: ``values[current_epoch]``.
+
+    Lets a test choose exactly which epoch is best, where the metric turns NaN, and so on, while the
+    weights still change every epoch. The real loss is logged as ``real_val_loss``.
+    """
+
+    def __init__(self, values: list[float], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.values = list(values)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("real_val_loss", F.cross_entropy(self(x), y), sync_dist=True)
+        value = self.values[min(self.current_epoch, len(self.values) - 1)]
+        self.log("val_loss", torch.tensor(float(value)), sync_dist=True)
+
+
+class StateRecorder(pl.Callback):
+    """Records, at every (non-sanity) validation end, the metrics and a copy of the module state."""
+
+    def __init__(self, key: str = "val_loss") -> None:
+        self.key = key
+        self.values: dict[int, float] = {}
+        self.states: dict[int, dict[str, Tensor]] = {}
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        epoch = trainer.current_epoch
+        self.values[epoch] = float(trainer.callback_metrics[self.key])
+        self.states[epoch] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+class CrashAt(pl.Callback):
+    """Raises ``exception`` at the start of training epoch ``epoch``."""
+
+    def __init__(self, epoch: int, exception: type[BaseException] = RuntimeError) -> None:
+        self.epoch, self.exception = epoch, exception
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise self.exception(f"simulated crash at epoch {self.epoch}")
+
+
+def same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    """Bitwise equality of two state dicts."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
