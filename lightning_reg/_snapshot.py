@@ -29,19 +29,20 @@ SNAPSHOT_LOCATIONS: tuple[str, ...] = ("cpu", "device", "disk")
 
 
 def _local(tensor: Tensor) -> Tensor:
-    """The rank-local tensor behind ``tensor`` (a DTensor's shard, or the tensor itself)."""
+    """The rank-local tensor behind ``tensor``: a DTensor's shard, or the tensor itself."""
     to_local = getattr(tensor, "to_local", None)
-    local = to_local() if callable(to_local) else tensor
-    return local.detach()
+    return to_local() if callable(to_local) else tensor
 
 
 def module_state(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """Yield ``(name, local tensor)`` for every parameter and persistent buffer of ``module``.
 
     Tied parameters appear once. Non-persistent buffers are skipped: they are derived state that
-    ``state_dict`` leaves out too.
+    ``state_dict`` leaves out too. Tensors are the live ones (not detached): copy them under
+    ``torch.no_grad()``.
     """
-    yield from ((name, _local(p)) for name, p in module.named_parameters())
+    for name, p in module.named_parameters():
+        yield name, _local(p)
     for mod_name, mod in module.named_modules():
         non_persistent: set[str] = getattr(mod, "_non_persistent_buffers_set", set())
         for name, buf in mod._buffers.items():
@@ -78,6 +79,8 @@ class StateSnapshot:
         self.location = location
         self.path = Path(path) if path is not None else None
         self._tensors: dict[str, Tensor] = {}
+        self._names: tuple[str, ...] = ()
+        self._targets: list[Tensor] = []
         self._pending: torch.cuda.Event | None = None
         self._on_disk = False
 
@@ -96,14 +99,14 @@ class StateSnapshot:
         if self.location == "disk":
             self._capture_to_disk(module)
             return
-        uses_cuda = False
+        names, sources = _unzip(module_state(module))
+        if names != self._names or not all(map(self._fits, self._targets, sources)):
+            self._tensors = dict(zip(names, map(self._allocate, sources), strict=True))
+            self._names, self._targets = names, list(self._tensors.values())
+        uses_cuda = any(src.is_cuda for src in sources)
         with torch.no_grad():
-            for name, src in module_state(module):
-                dst = self._tensors.get(name)
-                if dst is None or not self._fits(dst, src):
-                    dst = self._tensors[name] = self._allocate(src)
-                dst.copy_(src, non_blocking=src.is_cuda)
-                uses_cuda = uses_cuda or src.is_cuda
+            # one fused call: per-tensor Python overhead matters for models with many small tensors
+            torch._foreach_copy_(self._targets, sources, non_blocking=uses_cuda)
         if uses_cuda and self.location == "cpu":
             self._pending = torch.cuda.Event()
             self._pending.record()
@@ -119,7 +122,8 @@ class StateSnapshot:
 
     def _capture_to_disk(self, module: nn.Module) -> None:
         assert self.path is not None
-        state = {name: t.to("cpu", copy=True) for name, t in module_state(module)}
+        # torch.save writes synchronously, so CPU tensors need no intermediate copy
+        state = {name: t.detach().cpu() for name, t in module_state(module)}
         self._write(state)
 
     def _write(self, state: dict[str, Tensor]) -> None:
@@ -184,11 +188,21 @@ class StateSnapshot:
             return
         # Kept where they are; the next capture reallocates on the right device if needed.
         self._tensors = {name: t.detach().clone() for name, t in state.items()}
+        self._names, self._targets = (), []
 
     def clear(self) -> None:
         """Drop the copy (and its file)."""
         self._wait()
-        self._tensors = {}
+        self._tensors, self._names, self._targets = {}, (), []
         if self._on_disk and self.path is not None:
             self.path.unlink(missing_ok=True)
         self._on_disk = False
+
+
+def _unzip(pairs: Iterator[tuple[str, Tensor]]) -> tuple[tuple[str, ...], list[Tensor]]:
+    names: list[str] = []
+    tensors: list[Tensor] = []
+    for name, tensor in pairs:
+        names.append(name)
+        tensors.append(tensor)
+    return tuple(names), tensors

@@ -95,6 +95,8 @@ class EarlyStopping(_LightningEarlyStopping):
         >>> early_stopping = EarlyStopping("val_loss", patience=5)
         >>> trainer = Trainer(callbacks=[early_stopping], logger=False)
         >>> # after trainer.fit(model): the model holds the weights of early_stopping.best_epoch
+        >>> # (with strategy="ddp_spawn" the model comes back restored, but the attributes of
+        >>> # this callback object in the launching process are not updated, as in Lightning)
 
     Logged metrics:
         - ``reg/early_stopping/best``: the monitored value of the snapshot.
@@ -270,7 +272,9 @@ class EarlyStopping(_LightningEarlyStopping):
             metrics["reg/early_stopping/best_epoch"] = float(self.best_epoch)
         if self._check_on_train_epoch_end:
             for name, value in metrics.items():
-                trainer.lightning_module.log(name, value, on_step=False, on_epoch=True)
+                trainer.lightning_module.log(
+                    name, value, on_step=False, on_epoch=True, sync_dist=True
+                )
         elif trainer.is_global_zero:
             # `on_validation_end` does not allow `self.log`; send straight to the loggers
             for logger in trainer.loggers:
