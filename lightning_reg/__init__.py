@@ -4,7 +4,24 @@ Add the callbacks to ``Trainer(callbacks=[...])``; your LightningModule stays as
 """
 
 from lightning_reg.early_stopping import EarlyStopping
+from lightning_reg.mixin import RegularizedModule
+from lightning_reg.weight_decay import (
+    WeightDecayExclusion,
+    WeightDecaySplit,
+    coupled_weight_decay_warning,
+    param_groups,
+    split_parameters,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["EarlyStopping", "__version__"]
+__all__ = [
+    "EarlyStopping",
+    "RegularizedModule",
+    "WeightDecayExclusion",
+    "WeightDecaySplit",
+    "__version__",
+    "coupled_weight_decay_warning",
+    "param_groups",
+    "split_parameters",
+]

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_reg._snapshot import SNAPSHOT_LOCATIONS, SnapshotLocation, StateSnapshot
+from lightning_reg._utils import trainer_callbacks
 
 __all__ = ["EarlyStopping"]
 
@@ -175,7 +176,7 @@ class EarlyStopping(_LightningEarlyStopping):
                 "resumed."
             )
         restoring = [
-            cb for cb in _callbacks(trainer)
+            cb for cb in trainer_callbacks(trainer)
             if isinstance(cb, EarlyStopping) and cb.restore_best_weights
         ]  # fmt: skip
         if len(restoring) > 1 and restoring[0] is self:
@@ -184,8 +185,8 @@ class EarlyStopping(_LightningEarlyStopping):
                 "the callback list wins. Pass `restore_best_weights=False` to the others."
             )
         # Restoring must come after the checkpoint callbacks, which Lightning always runs last.
-        if self._restorer not in _callbacks(trainer):
-            _callbacks(trainer).append(self._restorer)
+        if self._restorer not in trainer_callbacks(trainer):
+            trainer_callbacks(trainer).append(self._restorer)
 
     def _snapshot_path(self, trainer: pl.Trainer) -> Path | None:
         if self.snapshot_to != "disk":
@@ -196,8 +197,8 @@ class EarlyStopping(_LightningEarlyStopping):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._restorer in _callbacks(trainer):
-            _callbacks(trainer).remove(self._restorer)
+        if self._restorer in trainer_callbacks(trainer):
+            trainer_callbacks(trainer).remove(self._restorer)
 
     # ---------------------------------------------------------------------------------- checking
     @override
@@ -347,11 +348,6 @@ class _RestoreAfterCheckpoints(Callback):
     ) -> None:
         if self.owner.restore_on_exception:
             self.owner._restore(trainer, f"after {type(exception).__name__}")
-
-
-def _callbacks(trainer: pl.Trainer) -> list[Callback]:
-    """The trainer's live callback list (set by Lightning's callback connector)."""
-    return trainer.callbacks  # type: ignore[attr-defined]
 
 
 def _validate_arguments(

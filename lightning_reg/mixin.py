@@ -1,0 +1,53 @@
+"""``RegularizedModule``: a LightningModule mixin with regularization helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
+
+from torch import nn
+
+from lightning_reg.weight_decay import param_groups
+
+__all__ = ["RegularizedModule"]
+
+
+class RegularizedModule:
+    """Mix into your LightningModule (``class Net(RegularizedModule, LightningModule)``).
+
+    Helpers for users who write ``configure_optimizers`` themselves; the callbacks do the same
+    without any change to the module.
+
+    Example:
+        >>> import torch
+        >>> import lightning.pytorch as pl
+        >>> class Net(RegularizedModule, pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = torch.nn.Linear(4, 2)
+        ...         self.norm = torch.nn.LayerNorm(2)
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.AdamW(self.weight_decay_groups(0.05), lr=1e-3)
+        >>> [g["weight_decay"] for g in Net().configure_optimizers().param_groups]
+        [0.05, 0.0]
+    """
+
+    def weight_decay_groups(
+        self,
+        weight_decay: float,
+        *,
+        exclude_bias: bool = True,
+        exclude_norm: bool = True,
+        exclude_1d: bool = True,
+        exclude_embeddings: bool = False,
+        use_no_weight_decay_hook: bool = True,
+        exclude: Sequence[str] = (),
+    ) -> list[dict[str, object]]:
+        """This module's parameters as decay/no-decay optimizer groups (:func:`param_groups`)."""
+        return param_groups(
+            cast(nn.Module, self), weight_decay, exclude_bias=exclude_bias,
+            exclude_norm=exclude_norm, exclude_1d=exclude_1d,
+            exclude_embeddings=exclude_embeddings,
+            use_no_weight_decay_hook=use_no_weight_decay_hook, exclude=exclude,
+        )  # fmt: skip
