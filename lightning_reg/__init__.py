@@ -4,7 +4,9 @@ Add the callbacks to ``Trainer(callbacks=[...])``; your LightningModule stays as
 """
 
 from lightning_reg.early_stopping import EarlyStopping
+from lightning_reg.label_smoothing import LabelSmoothing, smooth_targets
 from lightning_reg.mixin import RegularizedModule
+from lightning_reg.mixup import MixPlan, Mixup, draw_mix_plan, mix_inputs, mixup_batch
 from lightning_reg.weight_decay import (
     WeightDecayExclusion,
     WeightDecaySplit,
@@ -17,11 +19,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EarlyStopping",
+    "LabelSmoothing",
+    "MixPlan",
+    "Mixup",
     "RegularizedModule",
     "WeightDecayExclusion",
     "WeightDecaySplit",
     "__version__",
     "coupled_weight_decay_warning",
+    "draw_mix_plan",
+    "mix_inputs",
+    "mixup_batch",
     "param_groups",
+    "smooth_targets",
     "split_parameters",
 ]

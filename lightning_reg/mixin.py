@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from lightning_reg.mixup import current_plan
 from lightning_reg.weight_decay import param_groups
 
 __all__ = ["RegularizedModule"]
@@ -15,8 +17,9 @@ __all__ = ["RegularizedModule"]
 class RegularizedModule:
     """Mix into your LightningModule (``class Net(RegularizedModule, LightningModule)``).
 
-    Helpers for users who write ``configure_optimizers`` themselves; the callbacks do the same
-    without any change to the module.
+    Helpers for users who write ``configure_optimizers`` themselves (the callbacks do the same
+    without any change to the module), and a cross-entropy that applies the current batch's
+    mixing and smoothing when ``Mixup``/``LabelSmoothing`` run with ``keep_targets=True``.
 
     Example:
         >>> import torch
@@ -51,3 +54,23 @@ class RegularizedModule:
             exclude_embeddings=exclude_embeddings,
             use_no_weight_decay_hook=use_no_weight_decay_hook, exclude=exclude,
         )  # fmt: skip
+
+    def cross_entropy(self, logits: Tensor, targets: Tensor, **kwargs: object) -> Tensor:
+        """``F.cross_entropy`` on the soft targets of the current training batch.
+
+        With ``Mixup(keep_targets=True)`` or ``LabelSmoothing(keep_targets=True)`` the batch keeps
+        its integer targets (for metrics); this loss builds the same soft targets the callback
+        would have put in the batch. Outside training (validation, test) or without such a
+        callback it is plain ``F.cross_entropy(logits, targets)``.
+
+        Example:
+            >>> import torch
+            >>> module = RegularizedModule()
+            >>> logits, y = torch.zeros(2, 3), torch.tensor([0, 2])
+            >>> module.cross_entropy(logits, y)  # no callback: plain cross-entropy
+            tensor(1.0986)
+        """
+        plan = current_plan(cast(nn.Module, self)) if isinstance(self, nn.Module) else None
+        if plan is None or not getattr(self, "training", False):
+            return F.cross_entropy(logits, targets, **kwargs)  # type: ignore[arg-type]
+        return F.cross_entropy(logits, plan.targets(targets), **kwargs)  # type: ignore[arg-type]

@@ -414,6 +414,7 @@ class _RegroupedOptimizers:
         self, original: Callable[[], Any], callback: WeightDecayExclusion, module: nn.Module
     ) -> None:
         self.original, self.callback, self.module = original, callback, module
+        self.__wrapped__ = original  # Lightning's `is_overridden` looks through wrappers
 
     def __call__(self) -> Any:
         config = self.original()

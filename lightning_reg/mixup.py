@@ -1,0 +1,416 @@
+"""Mixup and CutMix, fused with label smoothing, for an unchanged ``F.cross_entropy`` step.
+
+Method card:
+    What it does: trains on convex combinations of pairs of examples (mixup, Zhang et al. 2018)
+    or on images with a rectangle pasted from another image (CutMix, Yun et al. 2019); the target
+    is mixed with the same coefficient (the pasted area for CutMix), with label smoothing fused
+    in so it is applied once.
+    Suggested values: ``mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5,
+    label_smoothing=0.1`` (DeiT/timm ImageNet recipe); ``mixup_alpha=0.2`` for small data sets.
+    When it hurts: short schedules and small models underfit with it; switch it off for the last
+    epochs (``off_epoch``/``off_fraction``) as strong recipes do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_reg._batch import BatchAdapter, GetBatch, SetBatch, TrainBatchTransform
+from lightning_reg.label_smoothing import smooth_targets
+
+__all__ = ["MixPlan", "Mixup", "draw_mix_plan", "mix_inputs", "mixup_batch"]
+
+MixMode = Literal["batch", "elem"]
+_PLAN_ATTRIBUTE = "_lightning_reg_mix_plan"
+
+
+@dataclass
+class MixPlan:
+    """The random draws for one batch, made and kept on the host as NumPy arrays.
+
+    Every decision (whether to mix, which path to take) reads these arrays, never a tensor, so
+    applying a plan adds no host-device synchronisation.
+
+    Attributes:
+        perm: partner of each sample, ``(N,)`` int.
+        lam: weight of each sample's own content (1 = unmixed), ``(N,)`` float. For CutMix it is
+            the fraction of the image left unpasted.
+        boxes: CutMix rectangles ``(N, 4)`` as ``(y0, y1, x0, x1)``; rows of zeros where a sample
+            is not cut. ``None`` when no sample of the batch is cut.
+        shared: whether all samples share one decision, coefficient and box (batch mode).
+        num_classes: number of classes of integer targets (``None`` for soft targets only).
+        smoothing: label smoothing fused into the targets.
+    """
+
+    perm: np.ndarray
+    lam: np.ndarray
+    boxes: np.ndarray | None
+    shared: bool
+    num_classes: int | None
+    smoothing: float
+
+    @classmethod
+    def identity(cls, n: int, num_classes: int | None, smoothing: float) -> MixPlan:
+        """A plan that mixes nothing (smoothing only)."""
+        return cls(np.arange(n), np.ones(n, np.float32), None, True, num_classes, smoothing)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether any sample is mixed."""
+        return self.boxes is not None or bool((self.lam < 1).any())
+
+    def targets(self, targets: Tensor) -> Tensor:
+        """Soft targets for this plan: smoothed, then mixed with the same partners and weights."""
+        if not targets.is_floating_point() and self.num_classes is None:
+            raise ValueError(
+                "Integer class targets need `num_classes=` to become probability rows; pass it "
+                "to the callback."
+            )
+        soft = smooth_targets(targets, self.num_classes or 0, self.smoothing)
+        if not self.mixes:
+            return soft
+        partner = soft.index_select(0, _to(self.perm, soft.device))
+        if self.shared:
+            return torch.lerp(partner, soft, float(self.lam[0]))
+        return torch.lerp(partner, soft, _to(self.lam, soft.device, soft.dtype).unsqueeze(1))
+
+
+def _to(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.from_numpy(array).to(device, dtype, non_blocking=True)
+
+
+def draw_mix_plan(
+    n: int,
+    rng: np.random.Generator,
+    *,
+    image_size: tuple[int, int] | None = None,
+    mixup_alpha: float = 1.0,
+    cutmix_alpha: float = 0.0,
+    cutmix_minmax: tuple[float, float] | None = None,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    mode: MixMode = "batch",
+    correct_lam: bool = True,
+    num_classes: int | None = None,
+    smoothing: float = 0.0,
+) -> MixPlan:
+    """Draw partners, coefficients and CutMix boxes for a batch of ``n`` samples.
+
+    ``mode="batch"`` draws one decision and one coefficient for the whole batch; ``"elem"``
+    draws them per sample. CutMix needs ``image_size=(H, W)``.
+    """
+    use_cutmix_kind = cutmix_alpha > 0 or cutmix_minmax is not None
+    size = 1 if mode == "batch" else n
+    apply = rng.random(size) < prob
+    cut = (
+        (rng.random(size) < switch_prob) if mixup_alpha > 0 and use_cutmix_kind
+        else np.full(size, use_cutmix_kind)
+    )  # fmt: skip
+    lam = np.ones(size)
+    if mixup_alpha > 0:
+        lam = np.where(~cut, rng.beta(mixup_alpha, mixup_alpha, size), lam)
+    boxes = None
+    if use_cutmix_kind and (apply & cut).any():
+        if image_size is None:
+            raise ValueError("CutMix needs image inputs of shape (N, C, H, W).")
+        cut_lam = rng.beta(cutmix_alpha, cutmix_alpha, size) if cutmix_alpha > 0 else np.ones(size)
+        box, area_lam = _boxes(rng, image_size, cut_lam, cutmix_minmax)
+        lam = np.where(cut, area_lam if correct_lam or cutmix_minmax else cut_lam, lam)
+        boxes = np.where((apply & cut)[:, None], box, 0)
+    lam = np.where(apply, lam, 1.0)
+    if mode == "batch":
+        lam, boxes = np.repeat(lam, n), None if boxes is None else np.repeat(boxes, n, axis=0)
+    return MixPlan(
+        perm=rng.permutation(n),
+        lam=lam.astype(np.float32),
+        boxes=None if boxes is None else boxes.astype(np.int64),
+        shared=mode == "batch",
+        num_classes=num_classes,
+        smoothing=smoothing,
+    )
+
+
+def _boxes(
+    rng: np.random.Generator,
+    image_size: tuple[int, int],
+    lam: np.ndarray,
+    minmax: tuple[float, float] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CutMix rectangles ``(y0, y1, x0, x1)`` per draw, and ``1 - pasted area`` after clipping."""
+    h, w = image_size
+    size = lam.shape[0]
+    y0: np.ndarray
+    x0: np.ndarray
+    y1: np.ndarray
+    x1: np.ndarray
+    if minmax is not None:  # box sides drawn uniformly within the bounds; box inside the image
+        cut_h = rng.integers(int(h * minmax[0]), int(h * minmax[1]) + 1, size)
+        cut_w = rng.integers(int(w * minmax[0]), int(w * minmax[1]) + 1, size)
+        y0, x0 = rng.integers(0, h - cut_h + 1), rng.integers(0, w - cut_w + 1)
+        y1, x1 = y0 + cut_h, x0 + cut_w
+    else:  # timm/CutMix paper: side ratio sqrt(1 - lam), centre uniform, box clipped
+        ratio = np.sqrt(1.0 - lam)
+        half_h, half_w = (h * ratio).astype(int) // 2, (w * ratio).astype(int) // 2
+        cy, cx = rng.integers(0, h, size), rng.integers(0, w, size)
+        y0, y1 = np.clip(cy - half_h, 0, h), np.clip(cy + half_h, 0, h)
+        x0, x1 = np.clip(cx - half_w, 0, w), np.clip(cx + half_w, 0, w)
+    area_lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
+    return np.stack([y0, y1, x0, x1], axis=1), area_lam
+
+
+def mix_inputs(x: Tensor, plan: MixPlan) -> Tensor:
+    """Apply ``plan`` to a batch of inputs (a new tensor; ``x`` is left as it was)."""
+    if not plan.mixes:
+        return x
+    if plan.boxes is not None and x.ndim != 4:
+        raise ValueError(f"CutMix needs image inputs of shape (N, C, H, W), got {tuple(x.shape)}.")
+    partner = x.index_select(0, _to(plan.perm, x.device))
+    if plan.shared and plan.boxes is not None:  # one box for the batch: paste a slice
+        y0, y1, x0, x1 = (int(v) for v in plan.boxes[0])
+        out = x.clone()
+        out[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
+        return out
+    if not x.is_floating_point():
+        raise ValueError(f"Mixup needs floating-point inputs, got {x.dtype}; convert them first.")
+    if plan.shared:  # one coefficient for the batch: a single lerp, the floor
+        return torch.lerp(partner, x, float(plan.lam[0]))
+    cut = _cut_rows(plan)
+    weight = np.where(cut, 1.0, plan.lam).astype(np.float32)  # cut samples keep their pixels...
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    out = torch.lerp(partner, x, _to(weight, x.device, x.dtype).view(shape))
+    if plan.boxes is None or not cut.any():
+        return out
+    mask = _box_mask(_to(plan.boxes, x.device), x.shape[-2:])
+    return torch.where(mask.unsqueeze(1), partner, out)  # ...but for the pasted rectangle
+
+
+def _cut_rows(plan: MixPlan) -> np.ndarray:
+    if plan.boxes is None:
+        return np.zeros(plan.lam.shape, dtype=bool)
+    return (plan.boxes[:, 1] > plan.boxes[:, 0]) & (plan.boxes[:, 3] > plan.boxes[:, 2])
+
+
+def _box_mask(boxes: Tensor, size: torch.Size) -> Tensor:
+    rows = torch.arange(size[0], device=boxes.device).view(1, -1, 1)
+    cols = torch.arange(size[1], device=boxes.device).view(1, 1, -1)
+    y0, y1, x0, x1 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
+    return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+
+
+def mixup_batch(
+    x: Tensor,
+    targets: Tensor,
+    num_classes: int | None = None,
+    *,
+    generator: np.random.Generator | None = None,
+    **options: Any,
+) -> tuple[Tensor, Tensor]:
+    """Mix a batch and return ``(mixed inputs, soft targets)`` (options of :class:`Mixup`).
+
+    Example:
+        >>> x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
+        >>> rng = np.random.default_rng(0)
+        >>> xm, ym = mixup_batch(x, y, 3, generator=rng, cutmix_alpha=1.0, label_smoothing=0.1)
+        >>> xm.shape, ym.shape, torch.allclose(ym.sum(1), torch.ones(4))
+        (torch.Size([4, 3, 8, 8]), torch.Size([4, 3]), True)
+    """
+    smoothing = options.pop("label_smoothing", 0.0)
+    image_size = (x.shape[-2], x.shape[-1]) if x.ndim == 4 else None
+    plan = draw_mix_plan(
+        x.shape[0], generator or np.random.default_rng(), image_size=image_size,
+        num_classes=num_classes, smoothing=smoothing, **options,
+    )  # fmt: skip
+    return mix_inputs(x, plan), plan.targets(targets)
+
+
+def publish_plan(module: torch.nn.Module, plan: MixPlan | None) -> None:
+    """Make the current batch's plan available to ``RegularizedModule.cross_entropy``."""
+    module.__dict__[_PLAN_ATTRIBUTE] = plan
+
+
+def current_plan(module: torch.nn.Module) -> MixPlan | None:
+    """The plan of the batch being trained on (``None`` outside training or without a callback)."""
+    plan = module.__dict__.get(_PLAN_ATTRIBUTE)
+    return plan if isinstance(plan, MixPlan) else None
+
+
+class Mixup(TrainBatchTransform):
+    """Mixup/CutMix (and fused label smoothing) on every training batch.
+
+    The inputs of each training batch are mixed with a permuted copy of the batch and the targets
+    become the matching probability rows, so ``F.cross_entropy(logits, y)`` in an unchanged
+    ``training_step`` trains on them. Validation, test and predict batches are untouched.
+
+    Each rank draws from its own generator, seeded from ``seed`` (default: the seed of
+    ``seed_everything``), the global rank and a batch counter kept in checkpoints: runs are
+    reproducible, resumable, and ranks do not share partners or coefficients. The draws are made
+    on the host, so mixing adds no host-device synchronisation.
+
+    Args:
+        mixup_alpha: Beta(alpha, alpha) parameter of the mixup coefficient; 0 disables mixup.
+        cutmix_alpha: Beta parameter of the CutMix area; 0 disables CutMix (unless
+            ``cutmix_minmax`` is set).
+        cutmix_minmax: bounds ``(min, max)`` of the CutMix box side as a fraction of the image
+            side; when set, the box size is drawn uniformly within them (``cutmix_alpha`` unused).
+        prob: probability of mixing a batch (``mode="batch"``) or a sample (``"elem"``).
+        switch_prob: probability of CutMix rather than mixup when both are enabled.
+        mode: ``"batch"`` (one coefficient per batch) or ``"elem"`` (one per sample).
+        correct_lam: use the pasted area after clipping the CutMix box at the image border.
+        label_smoothing: smoothing fused into the targets (applied once).
+        num_classes: number of classes; required for integer targets.
+        off_epoch: stop mixing from this epoch on (label smoothing continues).
+        off_fraction: stop mixing after this fraction of the training steps.
+        keep_targets: mix the inputs only and leave the integer targets in the batch;
+            ``RegularizedModule.cross_entropy(logits, y)`` applies the mixing and smoothing.
+        seed: base seed of the draws (default: ``seed_everything``'s, else torch's initial seed).
+        input_key: where the inputs are in the batch (index or key; see ``BatchAdapter``).
+        target_key: where the targets are.
+        get_batch: a function ``batch -> (inputs, targets)`` for other layouts.
+        set_batch: a function ``(batch, inputs, targets) -> new batch``.
+
+    Raises:
+        ValueError: for invalid arguments.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+        >>> trainer = Trainer(callbacks=[mix], logger=False)
+
+    Logged metrics:
+        - ``reg/mixup/lambda``: mean mixing coefficient of the epoch's training samples (1 for
+          unmixed samples), averaged over ranks.
+    """
+
+    def __init__(
+        self,
+        mixup_alpha: float = 1.0,
+        cutmix_alpha: float = 0.0,
+        cutmix_minmax: tuple[float, float] | None = None,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        mode: MixMode = "batch",
+        correct_lam: bool = True,
+        label_smoothing: float = 0.0,
+        num_classes: int | None = None,
+        *,
+        off_epoch: int | None = None,
+        off_fraction: float | None = None,
+        keep_targets: bool = False,
+        seed: int | None = None,
+        input_key: int | str | None = None,
+        target_key: int | str | None = None,
+        get_batch: GetBatch | None = None,
+        set_batch: SetBatch | None = None,
+    ) -> None:
+        _validate(mixup_alpha, cutmix_alpha, cutmix_minmax, prob, switch_prob, mode,
+                  label_smoothing, num_classes, off_epoch, off_fraction)  # fmt: skip
+        super().__init__(BatchAdapter(input_key, target_key, get_batch, set_batch))
+        self.options: dict[str, Any] = dict(
+            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, cutmix_minmax=cutmix_minmax,
+            prob=prob, switch_prob=switch_prob, mode=mode, correct_lam=correct_lam,
+        )  # fmt: skip
+        self.label_smoothing, self.num_classes = label_smoothing, num_classes
+        self.off_epoch, self.off_fraction = off_epoch, off_fraction
+        self.keep_targets, self.seed = keep_targets, seed
+        self.batches_seen = 0
+        self._lam_sum, self._lam_count = 0.0, 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.options)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+
+    def mixing_on(self, trainer: pl.Trainer) -> bool:
+        """Whether mixing is still on at the current epoch/step."""
+        if self.off_epoch is not None and trainer.current_epoch >= self.off_epoch:
+            return False
+        if self.off_fraction is not None:
+            total = trainer.estimated_stepping_batches
+            return not (math.isfinite(total) and trainer.global_step >= self.off_fraction * total)
+        return True
+
+    def transform(self, trainer, pl_module, inputs, targets):  # type: ignore[no-untyped-def]  # noqa: D102
+        n = inputs.shape[0]
+        if self.mixing_on(trainer):
+            rng = np.random.default_rng([self.seed or 0, trainer.global_rank, self.batches_seen])
+            image_size = (inputs.shape[-2], inputs.shape[-1]) if inputs.ndim == 4 else None
+            plan = draw_mix_plan(
+                n, rng, image_size=image_size, num_classes=self.num_classes,
+                smoothing=self.label_smoothing, **self.options,
+            )  # fmt: skip
+        else:
+            plan = MixPlan.identity(n, self.num_classes, self.label_smoothing)
+        self.batches_seen += 1
+        self._lam_sum += float(plan.lam.sum())
+        self._lam_count += n
+        mixed = mix_inputs(inputs, plan)
+        if self.keep_targets:
+            publish_plan(pl_module, plan)
+            return mixed, targets
+        return mixed, plan.targets(targets)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._lam_count:
+            mean = self._lam_sum / self._lam_count
+            pl_module.log("reg/mixup/lambda", mean, on_step=False, on_epoch=True, sync_dist=True)
+        self._lam_sum, self._lam_count = 0.0, 0
+        publish_plan(pl_module, None)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        publish_plan(pl_module, None)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_seen": self.batches_seen, "seed": self.seed}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches_seen = int(state_dict["batches_seen"])
+        self.seed = state_dict.get("seed", self.seed)
+
+
+def _validate(
+    mixup_alpha: float, cutmix_alpha: float, cutmix_minmax: tuple[float, float] | None,
+    prob: float, switch_prob: float, mode: str, label_smoothing: float,
+    num_classes: int | None, off_epoch: int | None, off_fraction: float | None,
+) -> None:  # fmt: skip
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"alphas must be >= 0, got mixup {mixup_alpha}, cutmix {cutmix_alpha}.")
+    if mixup_alpha == 0 and cutmix_alpha == 0 and cutmix_minmax is None:
+        raise ValueError(
+            "Both mixup_alpha and cutmix_alpha are 0, so nothing would be mixed; for label "
+            "smoothing alone use the LabelSmoothing callback."
+        )
+    if cutmix_minmax is not None and not 0 < cutmix_minmax[0] <= cutmix_minmax[1] <= 1:
+        raise ValueError(f"`cutmix_minmax` must satisfy 0 < min <= max <= 1, got {cutmix_minmax}.")
+    for name, value in (("prob", prob), ("switch_prob", switch_prob)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"`{name}` must be a probability in [0, 1], got {value}.")
+    if mode not in ("batch", "elem"):
+        raise ValueError(f"`mode` must be 'batch' or 'elem', got {mode!r}.")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing}.")
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"`num_classes` must be >= 2, got {num_classes}.")
+    if off_epoch is not None and off_epoch < 0:
+        raise ValueError(f"`off_epoch` must be >= 0, got {off_epoch}.")
+    if off_fraction is not None and not 0.0 <= off_fraction <= 1.0:
+        raise ValueError(f"`off_fraction` must be in [0, 1], got {off_fraction}.")
