@@ -45,6 +45,10 @@ def smooth_targets(targets: Tensor, num_classes: int, smoothing: float = 0.0) ->
                 f"Soft targets must have shape (N, C), got {tuple(targets.shape)}; integer class "
                 "targets must have shape (N,)."
             )
+        if num_classes and targets.shape[1] != num_classes:
+            raise ValueError(
+                f"Soft targets have {targets.shape[1]} columns but num_classes={num_classes}."
+            )
         return targets
     if targets.ndim != 1:
         raise ValueError(

@@ -46,6 +46,8 @@ class MixPlan:
             the fraction of the image left unpasted.
         boxes: CutMix rectangles ``(N, 4)`` as ``(y0, y1, x0, x1)``; rows of zeros where a sample
             is not cut. ``None`` when no sample of the batch is cut.
+        cut: which samples are CutMix samples, ``(N,)`` bool (their pixels are pasted, never
+            blended, even when their box is empty).
         shared: whether all samples share one decision, coefficient and box (batch mode).
         num_classes: number of classes of integer targets (``None`` for soft targets only).
         smoothing: label smoothing fused into the targets.
@@ -54,6 +56,7 @@ class MixPlan:
     perm: np.ndarray
     lam: np.ndarray
     boxes: np.ndarray | None
+    cut: np.ndarray
     shared: bool
     num_classes: int | None
     smoothing: float
@@ -61,7 +64,8 @@ class MixPlan:
     @classmethod
     def identity(cls, n: int, num_classes: int | None, smoothing: float) -> MixPlan:
         """A plan that mixes nothing (smoothing only)."""
-        return cls(np.arange(n), np.ones(n, np.float32), None, True, num_classes, smoothing)
+        no = np.zeros(n, dtype=bool)
+        return cls(np.arange(n), np.ones(n, np.float32), None, no, True, num_classes, smoothing)
 
     @property
     def mixes(self) -> bool:
@@ -107,7 +111,14 @@ def draw_mix_plan(
 
     ``mode="batch"`` draws one decision and one coefficient for the whole batch; ``"elem"``
     draws them per sample. CutMix needs ``image_size=(H, W)``.
+
+    Raises:
+        ValueError: for an unknown ``mode``, negative alphas, or CutMix without ``image_size``.
     """
+    if mode not in ("batch", "elem"):
+        raise ValueError(f"`mode` must be 'batch' or 'elem', got {mode!r}.")
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"alphas must be >= 0, got mixup {mixup_alpha}, cutmix {cutmix_alpha}.")
     use_cutmix_kind = cutmix_alpha > 0 or cutmix_minmax is not None
     size = 1 if mode == "batch" else n
     apply = rng.random(size) < prob
@@ -127,12 +138,15 @@ def draw_mix_plan(
         lam = np.where(cut, area_lam if correct_lam or cutmix_minmax else cut_lam, lam)
         boxes = np.where((apply & cut)[:, None], box, 0)
     lam = np.where(apply, lam, 1.0)
+    cut = apply & cut if boxes is not None else np.zeros(size, dtype=bool)
     if mode == "batch":
-        lam, boxes = np.repeat(lam, n), None if boxes is None else np.repeat(boxes, n, axis=0)
+        lam, cut = np.repeat(lam, n), np.repeat(cut, n)
+        boxes = None if boxes is None else np.repeat(boxes, n, axis=0)
     return MixPlan(
         perm=rng.permutation(n),
         lam=lam.astype(np.float32),
         boxes=None if boxes is None else boxes.astype(np.int64),
+        cut=cut,
         shared=mode == "batch",
         num_classes=num_classes,
         smoothing=smoothing,
@@ -179,24 +193,20 @@ def mix_inputs(x: Tensor, plan: MixPlan) -> Tensor:
         out = x.clone()
         out[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
         return out
-    if not x.is_floating_point():
+    blended = ~plan.cut & (plan.lam < 1)
+    if blended.any() and not x.is_floating_point():
         raise ValueError(f"Mixup needs floating-point inputs, got {x.dtype}; convert them first.")
     if plan.shared:  # one coefficient for the batch: a single lerp, the floor
         return torch.lerp(partner, x, float(plan.lam[0]))
-    cut = _cut_rows(plan)
-    weight = np.where(cut, 1.0, plan.lam).astype(np.float32)  # cut samples keep their pixels...
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    out = torch.lerp(partner, x, _to(weight, x.device, x.dtype).view(shape))
-    if plan.boxes is None or not cut.any():
+    out = x
+    if blended.any():  # cut samples keep their own pixels here...
+        weight = np.where(blended, plan.lam, 1.0).astype(np.float32)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        out = torch.lerp(partner, x, _to(weight, x.device, x.dtype).view(shape))
+    if plan.boxes is None or not plan.cut.any():
         return out
     mask = _box_mask(_to(plan.boxes, x.device), x.shape[-2:])
     return torch.where(mask.unsqueeze(1), partner, out)  # ...but for the pasted rectangle
-
-
-def _cut_rows(plan: MixPlan) -> np.ndarray:
-    if plan.boxes is None:
-        return np.zeros(plan.lam.shape, dtype=bool)
-    return (plan.boxes[:, 1] > plan.boxes[:, 0]) & (plan.boxes[:, 3] > plan.boxes[:, 2])
 
 
 def _box_mask(boxes: Tensor, size: torch.Size) -> Tensor:
