@@ -70,6 +70,8 @@ class MixPlan:
     @property
     def mixes(self) -> bool:
         """Whether any sample is mixed."""
+        if self.shared:  # per-call overhead matters on the batch-mode hot path
+            return bool(self.lam[0] < 1 or self.cut[0])
         return self.boxes is not None or bool((self.lam < 1).any())
 
     def targets(self, targets: Tensor) -> Tensor:
@@ -187,33 +189,47 @@ def mix_inputs(x: Tensor, plan: MixPlan) -> Tensor:
         return x
     if plan.boxes is not None and x.ndim != 4:
         raise ValueError(f"CutMix needs image inputs of shape (N, C, H, W), got {tuple(x.shape)}.")
-    partner = x.index_select(0, _to(plan.perm, x.device))
-    if plan.shared and plan.boxes is not None:  # one box for the batch: paste a slice
-        y0, y1, x0, x1 = (int(v) for v in plan.boxes[0])
-        out = x.clone()
-        out[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
-        return out
+    perm = _to(plan.perm, x.device)
+    if plan.shared:
+        if plan.cut[0]:  # one box for the batch: paste the partners' slice
+            y0, y1, x0, x1 = (int(v) for v in plan.boxes[0])  # type: ignore[index]
+            out = x.clone()
+            out[..., y0:y1, x0:x1] = x[..., y0:y1, x0:x1].index_select(0, perm)
+            return out
+        if x.is_floating_point():  # one coefficient for the batch: a single lerp, the floor
+            return torch.lerp(x.index_select(0, perm), x, float(plan.lam[0]))
     blended = ~plan.cut & (plan.lam < 1)
-    if blended.any() and not x.is_floating_point():
-        raise ValueError(f"Mixup needs floating-point inputs, got {x.dtype}; convert them first.")
-    if plan.shared:  # one coefficient for the batch: a single lerp, the floor
-        return torch.lerp(partner, x, float(plan.lam[0]))
-    out = x
-    if blended.any():  # cut samples keep their own pixels here...
-        weight = np.where(blended, plan.lam, 1.0).astype(np.float32)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        out = torch.lerp(partner, x, _to(weight, x.device, x.dtype).view(shape))
+    if not x.is_floating_point():
+        if blended.any():
+            raise ValueError(f"Mixup needs floating-point inputs, got {x.dtype}; convert them.")
+        mask = _box_mask(_to(plan.boxes, x.device), x.shape[-2:])  # type: ignore[arg-type]
+        return torch.where(mask.unsqueeze(1), x.index_select(0, perm), x)
+    partner = x.index_select(0, perm)
+    # Weight of each sample's own pixels: lam for blended samples, 1 for cut ones; the pasted
+    # rectangle gets weight 0, which lerp turns into the partner's pixels exactly.
+    weight = _to(np.where(blended, plan.lam, 1.0).astype(np.float32), x.device, x.dtype)
     if plan.boxes is None or not plan.cut.any():
-        return out
-    mask = _box_mask(_to(plan.boxes, x.device), x.shape[-2:])
-    return torch.where(mask.unsqueeze(1), partner, out)  # ...but for the pasted rectangle
+        return torch.lerp(partner, x, weight.view((-1,) + (1,) * (x.ndim - 1)))
+    # only cut samples have non-empty boxes, and their weight is 1: weight - inside is exact
+    in_rows, in_cols = _box_bands(_to(plan.boxes, x.device), x.shape[-2:])
+    inside = in_rows.to(x.dtype).unsqueeze(2) * in_cols.to(x.dtype).unsqueeze(1)
+    weight_map = inside.neg_().add_(weight.view(-1, 1, 1))
+    return torch.lerp(partner, x, weight_map.unsqueeze(1))
+
+
+def _box_bands(boxes: Tensor, size: torch.Size) -> tuple[Tensor, Tensor]:
+    """``(N, H)`` and ``(N, W)`` bool: the rows and columns each sample's box spans."""
+    rows = torch.arange(size[0], device=boxes.device)
+    cols = torch.arange(size[1], device=boxes.device)
+    in_rows = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])
+    in_cols = (cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])
+    return in_rows, in_cols
 
 
 def _box_mask(boxes: Tensor, size: torch.Size) -> Tensor:
-    rows = torch.arange(size[0], device=boxes.device).view(1, -1, 1)
-    cols = torch.arange(size[1], device=boxes.device).view(1, 1, -1)
-    y0, y1, x0, x1 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
-    return (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    """``(N, H, W)`` bool: inside each sample's box (empty boxes give all False)."""
+    in_rows, in_cols = _box_bands(boxes, size)
+    return in_rows.unsqueeze(2) & in_cols.unsqueeze(1)
 
 
 def mixup_batch(
