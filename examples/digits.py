@@ -30,7 +30,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_reg import EarlyStopping, WeightDecayExclusion
+from lightning_reg import EarlyStopping, Mixup, WeightDecayExclusion
 
 
 def flip_labels(y: np.ndarray, fraction: float, classes: int, seed: int) -> np.ndarray:
@@ -135,7 +135,11 @@ def runs() -> list[Run]:
         Run(
             "regularized",
             dict(dropout=0.3, weight_decay=0.05),
-            lambda: [EarlyStopping("val_loss", patience=15), WeightDecayExclusion()],
+            lambda: [
+                EarlyStopping("val_loss", patience=15),
+                WeightDecayExclusion(),
+                Mixup(mixup_alpha=1.0, label_smoothing=0.1, num_classes=10),
+            ],
         ),
     ]
 
