@@ -155,6 +155,15 @@ class EarlyStopping(_LightningEarlyStopping):
         self._sync_checked = False
         self._replicated = True
 
+    def regularization_settings(self) -> dict[str, Any]:
+        """This callback's settings, for the TensorBoard hparams view."""
+        prefix = f"EarlyStopping[{self.monitor}]"
+        return {
+            f"{prefix}/patience": self.patience, f"{prefix}/mode": self.mode,
+            f"{prefix}/min_delta": abs(self.min_delta),
+            f"{prefix}/restore_best_weights": self.restore_best_weights,
+        }  # fmt: skip
+
     # ----------------------------------------------------------------------------------- set-up
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -109,6 +109,10 @@ class LabelSmoothing(TrainBatchTransform):
         super().__init__(BatchAdapter(input_key, target_key, get_batch, set_batch))
         self.smoothing, self.num_classes, self.keep_targets = smoothing, num_classes, keep_targets
 
+    def regularization_settings(self) -> dict[str, float]:
+        """This callback's settings, for the TensorBoard hparams view."""
+        return {"LabelSmoothing/smoothing": self.smoothing}
+
     def transform(self, trainer, pl_module, inputs, targets):  # type: ignore[no-untyped-def]  # noqa: D102
         from lightning_reg.mixup import MixPlan, publish_plan
 

@@ -355,6 +355,12 @@ class Mixup(TrainBatchTransform):
     def state_key(self) -> str:
         return self._generate_state_key(**self.options)
 
+    def regularization_settings(self) -> dict[str, Any]:
+        """This callback's settings, for the TensorBoard hparams view."""
+        settings = {f"Mixup/{k}": v for k, v in self.options.items()}
+        settings["Mixup/label_smoothing"] = self.label_smoothing
+        return settings
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -352,6 +352,10 @@ class WeightDecayExclusion(Callback):
         self._names: list[str] = []
         self._patched: list[torch.optim.Optimizer] = []
 
+    def regularization_settings(self) -> dict[str, Any]:
+        """This callback's settings, for the TensorBoard hparams view."""
+        return {f"WeightDecayExclusion/{k}": str(v) for k, v in self.rules.items()}
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":

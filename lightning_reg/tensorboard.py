@@ -1,0 +1,105 @@
+"""TensorBoard extras: custom-scalar layouts, hparams in the same run, text cards.
+
+Written on rank 0 only, and only when a ``TensorBoardLogger`` is attached; plain scalars always go
+through the loggers so CSV and other loggers receive them too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+
+__all__ = [
+    "gap_layout",
+    "log_scalars",
+    "regularization_settings",
+    "tensorboard_writer",
+    "write_hparams",
+    "write_layout",
+    "write_text",
+]
+
+
+def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
+    """The ``SummaryWriter`` of the first ``TensorBoardLogger`` on rank 0, else ``None``."""
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Send scalars to every logger (rank 0), for hooks where ``self.log`` is not allowed."""
+    if trainer.is_global_zero and metrics:
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(metrics), step=trainer.global_step if step is None else step)
+
+
+def gap_layout(pairs: Mapping[str, str]) -> dict[str, dict[str, list[Any]]]:
+    """Custom-scalar layout: for each metric, train_eval and val on one chart, the gap on another.
+
+    Args:
+        pairs: ``{short name: validation tag}``, e.g. ``{"loss": "val_loss"}``.
+
+    Example:
+        >>> gap_layout({"loss": "val_loss"})["Generalization: loss"]["train_eval vs val"]
+        ['Multiline', ['reg/train_eval/loss', 'val_loss']]
+    """
+    return {
+        f"Generalization: {name}": {
+            "train_eval vs val": ["Multiline", [f"reg/train_eval/{name}", val_tag]],
+            "gap (val - train_eval, > 0: overfitting)": ["Multiline", [f"reg/gap/{name}"]],
+        }
+        for name, val_tag in pairs.items()
+    }
+
+
+def write_layout(writer: Any, layout: dict[str, dict[str, list[Any]]]) -> None:
+    """Write a custom-scalars layout to the run (TensorBoard's "Custom Scalars" tab)."""
+    writer.add_custom_scalars(layout)
+
+
+def write_text(writer: Any, tag: str, markdown: str, step: int) -> None:
+    """Write a Markdown text card (TensorBoard's "Text" tab)."""
+    writer.add_text(tag, markdown, step)
+
+
+def write_hparams(writer: Any, params: Mapping[str, Any], metric_tags: Sequence[str]) -> None:
+    """Write hparams into the *same* run (``SummaryWriter.add_hparams`` would create another).
+
+    ``metric_tags`` are scalar tags already logged in the run, shown as the hparams' metrics.
+    """
+    from torch.utils.tensorboard.summary import hparams
+
+    clean = {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in params.items()}
+    exp, ssi, sei = hparams(clean, dict.fromkeys(metric_tags, 0.0))
+    file_writer = writer._get_file_writer()
+    for summary in (exp, ssi, sei):
+        file_writer.add_summary(summary)
+
+
+def regularization_settings(trainer: pl.Trainer) -> dict[str, Any]:
+    """The regularization settings of this run: our callbacks' options and the optimizers' decay.
+
+    Every callback of this package exposes ``regularization_settings()``; param groups contribute
+    their ``weight_decay`` and ``lr``.
+    """
+    from lightning_reg._utils import trainer_callbacks
+
+    settings: dict[str, Any] = {}
+    for callback in trainer_callbacks(trainer):
+        describe = getattr(callback, "regularization_settings", None)
+        if callable(describe):
+            settings.update(describe())
+    for i, optimizer in enumerate(trainer.optimizers):
+        for j, group in enumerate(optimizer.param_groups):
+            name = group.get("name", f"pg{j}")
+            settings[f"optimizer{i}/{type(optimizer).__name__}/{name}/weight_decay"] = float(
+                group.get("weight_decay", 0.0)
+            )
+    return settings
