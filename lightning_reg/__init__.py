@@ -4,6 +4,7 @@ Add the callbacks to ``Trainer(callbacks=[...])``; your LightningModule stays as
 """
 
 from lightning_reg.early_stopping import EarlyStopping
+from lightning_reg.gap import GeneralizationGapMonitor
 from lightning_reg.label_smoothing import LabelSmoothing, smooth_targets
 from lightning_reg.mixin import RegularizedModule
 from lightning_reg.mixup import MixPlan, Mixup, draw_mix_plan, mix_inputs, mixup_batch
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EarlyStopping",
+    "GeneralizationGapMonitor",
     "LabelSmoothing",
     "MixPlan",
     "Mixup",
