@@ -30,7 +30,13 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_reg import EarlyStopping, Mixup, WeightDecayExclusion
+from lightning_reg import (
+    EarlyStopping,
+    GeneralizationGapMonitor,
+    Mixup,
+    RegularizationMonitor,
+    WeightDecayExclusion,
+)
 
 
 def flip_labels(y: np.ndarray, fraction: float, classes: int, seed: int) -> np.ndarray:
@@ -144,6 +150,14 @@ def runs() -> list[Run]:
     ]
 
 
+def monitors() -> list[Callback]:
+    """The observing callbacks: honest gap + diagnosis, weight norms and histograms."""
+    return [
+        GeneralizationGapMonitor(subset_size=500),
+        RegularizationMonitor(per_layer=True, histogram_every_n_epochs=10),
+    ]
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data: TensorDataset) -> float:
     """Accuracy in eval mode on a whole data set (the given labels, noisy ones included)."""
@@ -156,7 +170,8 @@ def train(run: Run, data: DigitsData, args: argparse.Namespace) -> dict[str, Any
     """Fit one run and measure it; every run starts from the same seed."""
     pl.seed_everything(args.seed, verbose=False)
     model = MLP(hidden=args.hidden, **run.model)
-    callbacks = run.callbacks()
+    # monitors only observe (they change no weight and draw no random number): both runs get them
+    callbacks = [*run.callbacks(), *monitors()]
     logger = TensorBoardLogger(args.logdir, name="digits", version=f"{run.name}-seed{args.seed}")
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,

@@ -8,6 +8,7 @@ from lightning_reg.gap import GeneralizationGapMonitor
 from lightning_reg.label_smoothing import LabelSmoothing, smooth_targets
 from lightning_reg.mixin import RegularizedModule
 from lightning_reg.mixup import MixPlan, Mixup, draw_mix_plan, mix_inputs, mixup_batch
+from lightning_reg.monitor import RegularizationMonitor, decay_metrics, weight_statistics
 from lightning_reg.weight_decay import (
     WeightDecayExclusion,
     WeightDecaySplit,
@@ -24,15 +25,18 @@ __all__ = [
     "LabelSmoothing",
     "MixPlan",
     "Mixup",
+    "RegularizationMonitor",
     "RegularizedModule",
     "WeightDecayExclusion",
     "WeightDecaySplit",
     "__version__",
     "coupled_weight_decay_warning",
+    "decay_metrics",
     "draw_mix_plan",
     "mix_inputs",
     "mixup_batch",
     "param_groups",
     "smooth_targets",
     "split_parameters",
+    "weight_statistics",
 ]
