@@ -96,9 +96,9 @@ def diagnose(
 
     - ``overfitting``: the validation value has not improved on its best for the last
       ``patience`` evaluations, the gap has grown since that best evaluation by more than
-      ``growth_tolerance`` times the metric's scale, and the train value is still improving
-      (by more than ``flat_tolerance``, relative, over the last ``window`` evaluations): the
-      model keeps fitting the training set without generalizing.
+      ``growth_tolerance`` times the metric's scale, and the train value has improved since then
+      (by more than ``flat_tolerance``, relative): the model keeps fitting the training set
+      without generalizing. It stays so until validation improves again.
     - ``underfitting`` (lower-is-better metrics): the train value moved by less than
       ``flat_tolerance`` (relative) over the window, is still above ``underfit_fraction`` of its
       first value, and the gap is under 10% of it.
@@ -118,8 +118,7 @@ def diagnose(
     best = int(np.argmin([sign * v for v in val]))
     stalled = len(val) - 1 - best >= patience
     grown = gap[-1] - gap[best] > growth_tolerance * scale
-    start = train[-window]
-    fitting = sign * (start - train[-1]) > flat_tolerance * max(abs(start), 1e-12)
+    fitting = sign * (train[best] - train[-1]) > flat_tolerance * max(abs(train[best]), 1e-12)
     if stalled and grown and fitting:
         return "overfitting"
     if lower_better:
@@ -182,7 +181,8 @@ class GeneralizationGapMonitor(Callback):
           for scores, so that > 0 always means overfitting.
         - ``reg/gap_trend/<m>``: least-squares slope of the gap over the last ``window``
           evaluations (per evaluation).
-        - ``reg/overfitting``: 1 while the diagnosis is "overfitting", else 0.
+        - ``reg/overfitting``: 1 while the diagnosis is "overfitting", else 0 (a new diagnosis
+          is adopted once it holds for two evaluations in a row).
     """
 
     def __init__(
@@ -213,6 +213,8 @@ class GeneralizationGapMonitor(Callback):
         self.window, self.patience, self.log_text = window, patience, log_text
         self.history: dict[str, dict[str, list[float]]] = {}
         self.diagnosis: Diagnosis = "warming up"
+        self._candidate: Diagnosis = "warming up"
+        self._streak = 0
         self.advice = _ADVICE["warming up"].format(w=window)
         self._loader: DataLoader | None = None
         self._layout_written = False
@@ -305,10 +307,16 @@ class GeneralizationGapMonitor(Callback):
         name = self._primary(list(pairs))
         series = self.history[name]
         higher = name in self.higher_is_better or not lower_is_better(name)
-        new = diagnose(
+        candidate = diagnose(
             series["val"], series["train"], series["gap"], lower_better=not higher,
             window=self.window, patience=self.patience,
         )  # fmt: skip
+        # A new diagnosis is adopted once it holds for two evaluations in a row, so a noisy
+        # validation value near its best does not flip it back and forth.
+        self._streak = self._streak + 1 if candidate == self._candidate else 1
+        self._candidate = candidate
+        settled = self.diagnosis == "warming up" or self._streak >= 2
+        new = candidate if settled else self.diagnosis
         train = series["train"]
         self.advice = _ADVICE[new].format(
             m=pairs[name], val=name, w=self.window, p=self.patience, t=train[-1],
