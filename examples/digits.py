@@ -135,9 +135,14 @@ class Run:
 
 
 def runs() -> list[Run]:
-    """The baseline and the regularized recipe (extended as callbacks land)."""
+    """The plain baseline, the baseline with best-weight restore, and the regularized recipe."""
     return [
         Run("baseline", dict(dropout=0.0, weight_decay=0.0)),
+        Run(
+            "baseline+restore",
+            dict(dropout=0.0, weight_decay=0.0),
+            lambda: [EarlyStopping("val_loss", patience=15)],
+        ),
         Run(
             "regularized",
             dict(dropout=0.3, weight_decay=0.05),
@@ -166,13 +171,13 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
     return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def train(run: Run, data: DigitsData, args: argparse.Namespace) -> dict[str, Any]:
-    """Fit one run and measure it; every run starts from the same seed."""
-    pl.seed_everything(args.seed, verbose=False)
+def train(run: Run, data: DigitsData, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Fit one run and measure it; every run of a seed starts from the same state."""
+    pl.seed_everything(seed, verbose=False)
     model = MLP(hidden=args.hidden, **run.model)
     # monitors only observe (they change no weight and draw no random number): both runs get them
     callbacks = [*run.callbacks(), *monitors()]
-    logger = TensorBoardLogger(args.logdir, name="digits", version=f"{run.name}-seed{args.seed}")
+    logger = TensorBoardLogger(args.logdir, name="digits", version=f"{run.name}-seed{seed}")
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,
         callbacks=callbacks, enable_checkpointing=False, enable_model_summary=False,
@@ -187,6 +192,7 @@ def train(run: Run, data: DigitsData, args: argparse.Namespace) -> dict[str, Any
     best = "-" if stop is None else str(stop.best_epoch)
     return {
         "run": run.name,
+        "seed": seed,
         "train acc (given labels)": train_acc,
         "val acc": val_acc,
         "test acc": accuracy(model, data.test_set),
@@ -197,12 +203,28 @@ def train(run: Run, data: DigitsData, args: argparse.Namespace) -> dict[str, Any
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table, one run per line."""
+    """Plain-text table, one row per line."""
     headers = list(rows[0])
     cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths, strict=True))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean (and spread of test accuracy) over seeds, one row per run."""
+    summary = []
+    for name in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == name]
+        mean = {k: float(np.mean([r[k] for r in mine])) for k in _NUMERIC}
+        test = [r["test acc"] for r in mine]
+        summary.append({
+            "run": name, **mean, "test acc std": float(np.std(test)), "seeds": len(mine),
+        })  # fmt: skip
+    return summary
+
+
+_NUMERIC = ("train acc (given labels)", "val acc", "test acc", "gap", "seconds")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -212,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int, default=100, help="max epochs per run")
     parser.add_argument("--hidden", type=int, default=512, help="hidden width of the MLP")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run each")
     parser.add_argument("--logdir", type=Path, default=Path("lightning_logs"))
     args = parser.parse_args(argv)
     if not 0.0 <= args.label_noise < 1.0:
@@ -226,10 +248,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    data = DigitsData(label_noise=args.label_noise, seed=args.seed)
-    rows = [train(run, data, args) for run in runs()]
-    print(f"\nDigits MLP, {args.label_noise:.0%} of train labels flipped, seed {args.seed}:\n")
+    rows = []
+    for seed in args.seeds:
+        data = DigitsData(label_noise=args.label_noise, seed=seed)
+        rows += [train(run, data, args, seed) for run in runs()]
+    print(f"\nDigits MLP, {args.label_noise:.0%} of train labels flipped, every run and seed:\n")
     print(format_table(rows))
+    print(f"\nMean over seeds {args.seeds}:\n")
+    print(format_table(summarize(rows)))
     print(f"\nView the runs:  tensorboard --logdir {args.logdir / 'digits'}")
     return rows
 

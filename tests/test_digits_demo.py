@@ -29,10 +29,12 @@ def test_flip_labels_changes_exactly_the_requested_fraction():
 
 def test_demo_prints_table_and_writes_event_files(tmp_path, capsys):
     demo = _load_demo()
-    rows = demo.main(["--epochs", "3", "--hidden", "32", "--logdir", str(tmp_path)])
+    argv = ["--epochs", "3", "--hidden", "32", "--seeds", "0", "1", "--logdir", str(tmp_path)]
+    rows = demo.main(argv)
     out = capsys.readouterr().out
-    assert [r["run"] for r in rows] == [run.name for run in demo.runs()]
+    assert [r["run"] for r in rows] == [run.name for run in demo.runs()] * 2
     assert "train acc (given labels)" in out and "tensorboard --logdir" in out
+    assert "Mean over seeds [0, 1]" in out and "test acc std" in out
     for row in rows:
         assert 0.0 <= row["test acc"] <= 1.0
     events = list((tmp_path / "digits").rglob("events.out.tfevents.*"))
