@@ -9,6 +9,7 @@ from lightning_reg.label_smoothing import LabelSmoothing, smooth_targets
 from lightning_reg.mixin import RegularizedModule
 from lightning_reg.mixup import MixPlan, Mixup, draw_mix_plan, mix_inputs, mixup_batch
 from lightning_reg.monitor import RegularizationMonitor, decay_metrics, weight_statistics
+from lightning_reg.sparsity import ProximalSparsity, prox_elastic_net, prox_group_lasso, prox_l1
 from lightning_reg.weight_decay import (
     WeightDecayExclusion,
     WeightDecaySplit,
@@ -25,6 +26,7 @@ __all__ = [
     "LabelSmoothing",
     "MixPlan",
     "Mixup",
+    "ProximalSparsity",
     "RegularizationMonitor",
     "RegularizedModule",
     "WeightDecayExclusion",
@@ -36,6 +38,9 @@ __all__ = [
     "mix_inputs",
     "mixup_batch",
     "param_groups",
+    "prox_elastic_net",
+    "prox_group_lasso",
+    "prox_l1",
     "smooth_targets",
     "split_parameters",
     "weight_statistics",
