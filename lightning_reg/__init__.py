@@ -9,6 +9,7 @@ from lightning_reg.label_smoothing import LabelSmoothing, smooth_targets
 from lightning_reg.mixin import RegularizedModule
 from lightning_reg.mixup import MixPlan, Mixup, draw_mix_plan, mix_inputs, mixup_batch
 from lightning_reg.monitor import RegularizationMonitor, decay_metrics, weight_statistics
+from lightning_reg.privacy import MembershipInferenceAudit, loss_attack_metrics
 from lightning_reg.sparsity import ProximalSparsity, prox_elastic_net, prox_group_lasso, prox_l1
 from lightning_reg.weight_decay import (
     WeightDecayExclusion,
@@ -24,6 +25,7 @@ __all__ = [
     "EarlyStopping",
     "GeneralizationGapMonitor",
     "LabelSmoothing",
+    "MembershipInferenceAudit",
     "MixPlan",
     "Mixup",
     "ProximalSparsity",
@@ -35,6 +37,7 @@ __all__ = [
     "coupled_weight_decay_warning",
     "decay_metrics",
     "draw_mix_plan",
+    "loss_attack_metrics",
     "mix_inputs",
     "mixup_batch",
     "param_groups",

@@ -22,7 +22,9 @@ from lightning_reg import (
     EarlyStopping,
     GeneralizationGapMonitor,
     LabelSmoothing,
+    MembershipInferenceAudit,
     Mixup,
+    ProximalSparsity,
     RegularizationMonitor,
     WeightDecayExclusion,
 )
@@ -199,6 +201,24 @@ CASES = {
             "sparsity_tolerance": 0.001,
             "histogram_every_n_epochs": 5,
         },
+    ),
+    MembershipInferenceAudit: (
+        """
+        subset_size: 300
+        every_n_evals: 2
+        seed: 7
+        """,
+        {"subset_size": 300, "every_n_evals": 2, "seed": 7},
+    ),
+    ProximalSparsity: (
+        """
+        l1: 0.001
+        l2: 0.01
+        penalty: elastic_net
+        warmup_steps: 100
+        exclude: ["*.head.*"]
+        """,
+        {"l1": 0.001, "l2": 0.01, "penalty": "elastic_net", "warmup_steps": 100},
     ),
 }
 

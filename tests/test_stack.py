@@ -18,7 +18,9 @@ from lightning_reg import (
     EarlyStopping,
     GeneralizationGapMonitor,
     LabelSmoothing,
+    MembershipInferenceAudit,
     Mixup,
+    ProximalSparsity,
     RegularizationMonitor,
     WeightDecayExclusion,
 )
@@ -41,11 +43,19 @@ CANONICAL = {
         lambda: RegularizationMonitor(per_layer=True),
         ["reg/weights/l2", "reg/weights/sparsity", "reg/weights_l2/net.0"],
     ),
+    "MembershipInferenceAudit": (
+        lambda: MembershipInferenceAudit(subset_size=64),
+        ["reg/privacy/auc", "reg/privacy/advantage"],
+    ),
+    "ProximalSparsity": (
+        lambda: ProximalSparsity(l1=1e-3),
+        ["reg/proximal/strength", "reg/weights/sparsity"],
+    ),
 }
 # LabelSmoothing is left out of the stack: Mixup(label_smoothing=...) fuses it.
 STACK = [
     "EarlyStopping", "WeightDecayExclusion", "Mixup", "GeneralizationGapMonitor",
-    "RegularizationMonitor",
+    "RegularizationMonitor", "MembershipInferenceAudit", "ProximalSparsity",
 ]  # fmt: skip
 CASES = {name: [name] for name in CANONICAL} | {"stack": STACK}
 
