@@ -151,9 +151,15 @@ class EarlyStopping(_LightningEarlyStopping):
         self.best_epoch = -1
         self.best_step = -1
         self._snapshot: StateSnapshot | None = None
+        self._state_key = super().state_key  # Lightning reads it at every hook call
         self._restorer = _RestoreAfterCheckpoints(self)
         self._sync_checked = False
         self._replicated = True
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._state_key
 
     def regularization_settings(self) -> dict[str, Any]:
         """This callback's settings, for the TensorBoard hparams view."""
@@ -339,11 +345,12 @@ class _RestoreAfterCheckpoints(Callback):
 
     def __init__(self, owner: EarlyStopping) -> None:
         self.owner = owner
+        self._state_key = f"{type(self).__qualname__}[{owner.state_key}]"
 
     @property
     @override
     def state_key(self) -> str:
-        return f"{type(self).__qualname__}[{self.owner.state_key}]"
+        return self._state_key
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -122,6 +122,13 @@ def draw_mix_plan(
     if mixup_alpha < 0 or cutmix_alpha < 0:
         raise ValueError(f"alphas must be >= 0, got mixup {mixup_alpha}, cutmix {cutmix_alpha}.")
     use_cutmix_kind = cutmix_alpha > 0 or cutmix_minmax is not None
+    if mode == "batch" and not use_cutmix_kind and prob >= 1.0:  # the common case, kept cheap
+        lam_value = rng.beta(mixup_alpha, mixup_alpha)
+        return MixPlan(
+            perm=rng.permutation(n), lam=np.full(n, lam_value, dtype=np.float32), boxes=None,
+            cut=np.zeros(n, dtype=bool), shared=True, num_classes=num_classes,
+            smoothing=smoothing,
+        )  # fmt: skip
     size = 1 if mode == "batch" else n
     apply = rng.random(size) < prob
     cut = (
@@ -277,8 +284,9 @@ class Mixup(TrainBatchTransform):
     ``training_step`` trains on them. Validation, test and predict batches are untouched.
 
     Each rank draws from its own generator, seeded from ``seed`` (default: the seed of
-    ``seed_everything``), the global rank and a batch counter kept in checkpoints: runs are
-    reproducible, resumable, and ranks do not share partners or coefficients. The draws are made
+    ``seed_everything``), the global rank and the epoch, with the position in the epoch kept in
+    checkpoints: runs are reproducible, resumable, and ranks do not share partners or
+    coefficients. The draws are made
     on the host, so mixing adds no host-device synchronisation.
 
     Args:
@@ -347,13 +355,16 @@ class Mixup(TrainBatchTransform):
         self.label_smoothing, self.num_classes = label_smoothing, num_classes
         self.off_epoch, self.off_fraction = off_epoch, off_fraction
         self.keep_targets, self.seed = keep_targets, seed
-        self.batches_seen = 0
+        self.batches_seen, self.batch_in_epoch = 0, 0
+        self._rng: np.random.Generator | None = None
+        self._rng_epoch = -1
         self._lam_sum, self._lam_count = 0.0, 0
+        self._state_key = self._generate_state_key(**self.options)  # read by Lightning per hook
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self.options)
+        return self._state_key
 
     def regularization_settings(self) -> dict[str, Any]:
         """This callback's settings, for the TensorBoard hparams view."""
@@ -378,16 +389,13 @@ class Mixup(TrainBatchTransform):
 
     def transform(self, trainer, pl_module, inputs, targets):  # type: ignore[no-untyped-def]  # noqa: D102
         n = inputs.shape[0]
+        image_size = (inputs.shape[-2], inputs.shape[-1]) if inputs.ndim == 4 else None
         if self.mixing_on(trainer):
-            rng = np.random.default_rng([self.seed or 0, trainer.global_rank, self.batches_seen])
-            image_size = (inputs.shape[-2], inputs.shape[-1]) if inputs.ndim == 4 else None
-            plan = draw_mix_plan(
-                n, rng, image_size=image_size, num_classes=self.num_classes,
-                smoothing=self.label_smoothing, **self.options,
-            )  # fmt: skip
+            plan = self._draw(self._generator(trainer, n, image_size), n, image_size)
         else:
             plan = MixPlan.identity(n, self.num_classes, self.label_smoothing)
         self.batches_seen += 1
+        self.batch_in_epoch += 1
         self._lam_sum += float(plan.lam.sum())
         self._lam_count += n
         mixed = mix_inputs(inputs, plan)
@@ -396,8 +404,33 @@ class Mixup(TrainBatchTransform):
             return mixed, targets
         return mixed, plan.targets(targets)
 
+    def _draw(
+        self, rng: np.random.Generator, n: int, image_size: tuple[int, int] | None
+    ) -> MixPlan:
+        return draw_mix_plan(
+            n, rng, image_size=image_size, num_classes=self.num_classes,
+            smoothing=self.label_smoothing, **self.options,
+        )  # fmt: skip
+
+    def _generator(
+        self, trainer: pl.Trainer, n: int, image_size: tuple[int, int] | None
+    ) -> np.random.Generator:
+        """This rank's generator for the epoch, seeded from (seed, global rank, epoch).
+
+        One generator per epoch (building one per batch costs more than the mixing): after a
+        resume in the middle of an epoch the draws of the batches already seen are replayed.
+        """
+        epoch = trainer.current_epoch
+        if self._rng is None or self._rng_epoch != epoch:
+            self._rng = np.random.default_rng([self.seed or 0, trainer.global_rank, epoch])
+            self._rng_epoch = epoch
+            for _ in range(self.batch_in_epoch):
+                self._draw(self._rng, n, image_size)
+        return self._rng
+
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.batch_in_epoch = 0
         if self._lam_count:
             mean = self._lam_sum / self._lam_count
             pl_module.log("reg/mixup/lambda", mean, on_step=False, on_epoch=True, sync_dist=True)
@@ -411,11 +444,16 @@ class Mixup(TrainBatchTransform):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"batches_seen": self.batches_seen, "seed": self.seed}
+        return {
+            "batches_seen": self.batches_seen, "batch_in_epoch": self.batch_in_epoch,
+            "seed": self.seed,
+        }  # fmt: skip
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_seen = int(state_dict["batches_seen"])
+        self.batch_in_epoch = int(state_dict.get("batch_in_epoch", 0))
+        self._rng = None
         self.seed = state_dict.get("seed", self.seed)
 
 
