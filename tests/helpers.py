@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -182,3 +183,17 @@ class CrashAt(pl.Callback):
 def same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
     """Bitwise equality of two state dicts."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class CountScalarReads(TorchDispatchMode):
+    """Counts ``aten._local_scalar_dense``: what ``.item()``, ``float(t)`` and ``bool(t)``
+    dispatch to, i.e. a host-device synchronisation on an accelerator (counted on CPU too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from lightning_reg import LabelSmoothing, Mixup, RegularizedModule, draw_mix_plan, mix_inputs
 from lightning_reg.mixup import MixPlan
-from tests.helpers import CrashAt, same_state, trainer_kwargs
+from tests.helpers import CountScalarReads, CrashAt, same_state, trainer_kwargs
 
 Pair = namedtuple("Pair", ["image", "label"])
 
@@ -317,22 +316,11 @@ def test_label_smoothing_invalid_arguments():
 
 
 # ------------------------------------------------------------------------------------ no syncs
-class _CountScalarReads(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mode", ["batch", "elem"])
 @pytest.mark.parametrize("alphas", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
 def test_mixing_reads_no_tensor_scalars(mode, alphas):
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
-    with _CountScalarReads() as counter:
+    with CountScalarReads() as counter:
         for step in range(5):
             rng = np.random.default_rng([0, 0, step])
             plan = draw_mix_plan(16, rng, image_size=(8, 8), mixup_alpha=alphas[0],

@@ -13,10 +13,9 @@ import torch.multiprocessing as mp
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_reg.monitor import RegularizationMonitor, weight_statistics
-from tests.helpers import BlobsDataModule, TinyClassifier, trainer_kwargs
+from tests.helpers import BlobsDataModule, CountScalarReads, TinyClassifier, trainer_kwargs
 
 WEIGHT_KEYS = {"reg/weights/l2", "reg/weights/l1", "reg/weights/sparsity"}
 DECAY_KEYS = {"reg/weight_decay/0/pg0", "reg/effective_decay/0/pg0"}
@@ -164,22 +163,11 @@ def test_histograms_without_tensorboard_are_skipped(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- no syncs
-class _CountScalarReads(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 class _StepCounter:
     """Counts scalar reads from the first ``on_train_batch_start`` to the last batch-end hook."""
 
     def __init__(self) -> None:
-        self.mode = _CountScalarReads()
+        self.mode = CountScalarReads()
         counter = self
 
         class Enter(pl.Callback):

@@ -12,7 +12,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_reg import (
     EarlyStopping,
@@ -24,7 +23,14 @@ from lightning_reg import (
     RegularizationMonitor,
     WeightDecayExclusion,
 )
-from tests.helpers import BlobsDataModule, CrashAt, TinyClassifier, same_state, trainer_kwargs
+from tests.helpers import (
+    BlobsDataModule,
+    CountScalarReads,
+    CrashAt,
+    TinyClassifier,
+    same_state,
+    trainer_kwargs,
+)
 
 # name -> (factory with canonical settings, metrics it must log)
 CANONICAL = {
@@ -163,26 +169,17 @@ class _CountScalarReadsInTrainingSteps(pl.Callback):
     start of each training epoch to its last batch: batch transfer, training steps, optimizer
     steps and per-step hooks, but not validation or epoch ends."""
 
-    class _Mode(TorchDispatchMode):
-        def __init__(self, owner):
-            super().__init__()
-            self.owner = owner
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                self.owner.count += 1
-            return func(*args, **(kwargs or {}))
-
     def __init__(self):
         self.count, self.mode = 0, None
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.mode = self._Mode(self)
+        self.mode = CountScalarReads()
         self.mode.__enter__()
 
     def _stop(self):
         if self.mode is not None:
             self.mode.__exit__(None, None, None)
+            self.count += self.mode.count
             self.mode = None
 
     def on_validation_start(self, trainer, pl_module):
