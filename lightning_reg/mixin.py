@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,24 +35,14 @@ class RegularizedModule:
         [0.05, 0.0]
     """
 
-    def weight_decay_groups(
-        self,
-        weight_decay: float,
-        *,
-        exclude_bias: bool = True,
-        exclude_norm: bool = True,
-        exclude_1d: bool = True,
-        exclude_embeddings: bool = False,
-        use_no_weight_decay_hook: bool = True,
-        exclude: Sequence[str] = (),
-    ) -> list[dict[str, object]]:
-        """This module's parameters as decay/no-decay optimizer groups (:func:`param_groups`)."""
-        return param_groups(
-            cast(nn.Module, self), weight_decay, exclude_bias=exclude_bias,
-            exclude_norm=exclude_norm, exclude_1d=exclude_1d,
-            exclude_embeddings=exclude_embeddings,
-            use_no_weight_decay_hook=use_no_weight_decay_hook, exclude=exclude,
-        )  # fmt: skip
+    def weight_decay_groups(self, weight_decay: float, **rules: Any) -> list[dict[str, object]]:
+        """This module's parameters as decay/no-decay optimizer groups.
+
+        ``rules`` are :func:`~lightning_reg.param_groups`' keyword arguments (``exclude_bias``,
+        ``exclude_norm``, ``exclude_1d``, ``exclude_embeddings``, ``use_no_weight_decay_hook``,
+        ``exclude``).
+        """
+        return param_groups(cast(nn.Module, self), weight_decay, **rules)
 
     def cross_entropy(self, logits: Tensor, targets: Tensor, **kwargs: object) -> Tensor:
         """``F.cross_entropy`` on the soft targets of the current training batch.
