@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -51,6 +51,8 @@ class MixPlan:
         shared: whether all samples share one decision, coefficient and box (batch mode).
         num_classes: number of classes of integer targets (``None`` for soft targets only).
         smoothing: label smoothing fused into the targets.
+        partners: ``perm`` as a tensor, kept once made (on the device of the last batch the plan
+            was applied to), so the inputs and the targets share one copy.
     """
 
     perm: np.ndarray
@@ -60,6 +62,7 @@ class MixPlan:
     shared: bool
     num_classes: int | None
     smoothing: float
+    partners: Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def identity(cls, n: int, num_classes: int | None, smoothing: float) -> MixPlan:
@@ -74,6 +77,13 @@ class MixPlan:
             return bool(self.lam[0] < 1 or self.cut[0])
         return self.boxes is not None or bool((self.lam < 1).any())
 
+    def partner_index(self, device: torch.device) -> Tensor:
+        """``perm`` as an int64 tensor on ``device`` (made once, then reused)."""
+        partners = self.partners
+        if partners is None or partners.device != device:
+            partners = self.partners = _to(self.perm, device)
+        return partners
+
     def targets(self, targets: Tensor) -> Tensor:
         """Soft targets for this plan: smoothed, then mixed with the same partners and weights."""
         if not targets.is_floating_point() and self.num_classes is None:
@@ -84,10 +94,10 @@ class MixPlan:
         soft = smooth_targets(targets, self.num_classes or 0, self.smoothing)
         if not self.mixes:
             return soft
-        partner = soft.index_select(0, _to(self.perm, soft.device))
+        partner = soft.index_select(0, self.partner_index(soft.device))
         if self.shared:
-            return torch.lerp(partner, soft, float(self.lam[0]))
-        return torch.lerp(partner, soft, _to(self.lam, soft.device, soft.dtype).unsqueeze(1))
+            return partner.lerp_(soft, float(self.lam[0]))  # in place: one allocation
+        return partner.lerp_(soft, _to(self.lam, soft.device, soft.dtype).unsqueeze(1))
 
 
 def _to(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
@@ -196,7 +206,7 @@ def mix_inputs(x: Tensor, plan: MixPlan) -> Tensor:
         return x
     if plan.boxes is not None and x.ndim != 4:
         raise ValueError(f"CutMix needs image inputs of shape (N, C, H, W), got {tuple(x.shape)}.")
-    perm = _to(plan.perm, x.device)
+    perm = plan.partner_index(x.device)
     if plan.shared:
         if plan.cut[0]:  # one box for the batch: paste the partners' slice
             y0, y1, x0, x1 = (int(v) for v in plan.boxes[0])  # type: ignore[index]
@@ -204,7 +214,8 @@ def mix_inputs(x: Tensor, plan: MixPlan) -> Tensor:
             out[..., y0:y1, x0:x1] = x[..., y0:y1, x0:x1].index_select(0, perm)
             return out
         if x.is_floating_point():  # one coefficient for the batch: a single lerp, the floor
-            return torch.lerp(x.index_select(0, perm), x, float(plan.lam[0]))
+            # in place on the gathered partners: one allocation (lerp_(x, w) = p + w (x - p))
+            return x.index_select(0, perm).lerp_(x, float(plan.lam[0]))
     blended = ~plan.cut & (plan.lam < 1)
     if not x.is_floating_point():
         if blended.any():
@@ -216,12 +227,12 @@ def mix_inputs(x: Tensor, plan: MixPlan) -> Tensor:
     # rectangle gets weight 0, which lerp turns into the partner's pixels exactly.
     weight = _to(np.where(blended, plan.lam, 1.0).astype(np.float32), x.device, x.dtype)
     if plan.boxes is None or not plan.cut.any():
-        return torch.lerp(partner, x, weight.view((-1,) + (1,) * (x.ndim - 1)))
+        return partner.lerp_(x, weight.view((-1,) + (1,) * (x.ndim - 1)))
     # only cut samples have non-empty boxes, and their weight is 1: weight - inside is exact
     in_rows, in_cols = _box_bands(_to(plan.boxes, x.device), x.shape[-2:])
     inside = in_rows.to(x.dtype).unsqueeze(2) * in_cols.to(x.dtype).unsqueeze(1)
     weight_map = inside.neg_().add_(weight.view(-1, 1, 1))
-    return torch.lerp(partner, x, weight_map.unsqueeze(1))
+    return partner.lerp_(x, weight_map.unsqueeze(1))
 
 
 def _box_bands(boxes: Tensor, size: torch.Size) -> tuple[Tensor, Tensor]:
@@ -356,8 +367,7 @@ class Mixup(TrainBatchTransform):
         self.off_epoch, self.off_fraction = off_epoch, off_fraction
         self.keep_targets, self.seed = keep_targets, seed
         self.batches_seen, self.batch_in_epoch = 0, 0
-        self._rng: np.random.Generator | None = None
-        self._rng_epoch = -1
+        self._plans = _PlanSource(self.options, num_classes, label_smoothing)
         self._lam_sum, self._lam_count = 0.0, 0
         self._state_key = self._generate_state_key(**self.options)  # read by Lightning per hook
 
@@ -389,44 +399,21 @@ class Mixup(TrainBatchTransform):
 
     def transform(self, trainer, pl_module, inputs, targets):  # type: ignore[no-untyped-def]  # noqa: D102
         n = inputs.shape[0]
-        image_size = (inputs.shape[-2], inputs.shape[-1]) if inputs.ndim == 4 else None
         if self.mixing_on(trainer):
-            plan = self._draw(self._generator(trainer, n, image_size), n, image_size)
+            image_size = (inputs.shape[-2], inputs.shape[-1]) if inputs.ndim == 4 else None
+            key = (self.seed or 0, trainer.global_rank, trainer.current_epoch)
+            plan = self._plans.plan(key, self.batch_in_epoch, n, image_size, inputs.device)
         else:
             plan = MixPlan.identity(n, self.num_classes, self.label_smoothing)
         self.batches_seen += 1
         self.batch_in_epoch += 1
-        self._lam_sum += float(plan.lam.sum())
+        self._lam_sum += float(plan.lam[0]) * n if plan.shared else float(plan.lam.sum())
         self._lam_count += n
         mixed = mix_inputs(inputs, plan)
         if self.keep_targets:
             publish_plan(pl_module, plan)
             return mixed, targets
         return mixed, plan.targets(targets)
-
-    def _draw(
-        self, rng: np.random.Generator, n: int, image_size: tuple[int, int] | None
-    ) -> MixPlan:
-        return draw_mix_plan(
-            n, rng, image_size=image_size, num_classes=self.num_classes,
-            smoothing=self.label_smoothing, **self.options,
-        )  # fmt: skip
-
-    def _generator(
-        self, trainer: pl.Trainer, n: int, image_size: tuple[int, int] | None
-    ) -> np.random.Generator:
-        """This rank's generator for the epoch, seeded from (seed, global rank, epoch).
-
-        One generator per epoch (building one per batch costs more than the mixing): after a
-        resume in the middle of an epoch the draws of the batches already seen are replayed.
-        """
-        epoch = trainer.current_epoch
-        if self._rng is None or self._rng_epoch != epoch:
-            self._rng = np.random.default_rng([self.seed or 0, trainer.global_rank, epoch])
-            self._rng_epoch = epoch
-            for _ in range(self.batch_in_epoch):
-                self._draw(self._rng, n, image_size)
-        return self._rng
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -453,8 +440,96 @@ class Mixup(TrainBatchTransform):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_seen = int(state_dict["batches_seen"])
         self.batch_in_epoch = int(state_dict.get("batch_in_epoch", 0))
-        self._rng = None
         self.seed = state_dict.get("seed", self.seed)
+
+
+BLOCK_BATCHES = 64
+"""Consecutive batch positions whose plans are drawn from one generator (and, in the common
+case, in one go)."""
+_BLOCK_ELEMENTS = 1 << 18  # at most this many permutation entries per block
+
+
+class _PlanSource:
+    """One rank's plans, each a function of its epoch key, position in the epoch and batch size.
+
+    Positions are grouped in blocks of ``BLOCK_BATCHES``; each block has its own generator,
+    seeded from ``(seed, rank, epoch, block, batch size)``. A resumed run therefore draws the
+    plans of an uninterrupted one without replaying the epoch, and a short last batch does not
+    shift the draws of the others. In the common case (batch mode, mixup only, every batch mixed)
+    a block's coefficients and permutations are drawn in two NumPy calls and its permutations
+    reach the device in one copy, so a batch costs a few list look-ups; otherwise the block's
+    plans are drawn one by one with :func:`draw_mix_plan`.
+    """
+
+    def __init__(self, options: dict[str, Any], num_classes: int | None, smoothing: float) -> None:
+        self.options, self.num_classes, self.smoothing = options, num_classes, smoothing
+        self.whole_blocks = (
+            options["mode"] == "batch" and options["prob"] >= 1.0
+            and options["cutmix_alpha"] == 0 and options["cutmix_minmax"] is None
+        )  # fmt: skip
+        self._key: tuple[Any, ...] | None = None
+        self._rng = np.random.default_rng(0)
+        self._drawn = 0  # plans drawn from the block's generator (one-by-one path)
+        self._perm_block = np.zeros((0, 0), dtype=np.int64)
+        self._perms: list[np.ndarray] = []
+        self._lams: list[np.ndarray] = []
+        self._partners: list[Tensor] = []
+        self._device: torch.device | None = None
+        self._no_cut = np.zeros(0, dtype=bool)
+
+    def plan(
+        self,
+        epoch_key: tuple[int, int, int],
+        position: int,
+        n: int,
+        image_size: tuple[int, int] | None,
+        device: torch.device,
+    ) -> MixPlan:
+        """The plan of the batch at ``position`` in the epoch, ``n`` samples, on ``device``."""
+        block, row = divmod(position, max(1, min(BLOCK_BATCHES, _BLOCK_ELEMENTS // max(n, 1))))
+        key = (*epoch_key, block, n, image_size)
+        if key != self._key or (not self.whole_blocks and row < self._drawn):
+            self._key, self._drawn = key, 0
+            self._rng = np.random.default_rng([*epoch_key, block, n])
+            if self.whole_blocks:
+                self._draw_block(n, device)
+        if not self.whole_blocks:
+            for _ in range(self._drawn, row):  # replay the block's earlier draws after a resume
+                self._draw(n, image_size)
+            self._drawn = row + 1
+            return self._draw(n, image_size)
+        if device != self._device:
+            self._move_partners(device)
+        return MixPlan(
+            perm=self._perms[row], lam=self._lams[row], boxes=None, cut=self._no_cut,
+            shared=True, num_classes=self.num_classes, smoothing=self.smoothing,
+            partners=self._partners[row],
+        )  # fmt: skip
+
+    def _draw(self, n: int, image_size: tuple[int, int] | None) -> MixPlan:
+        return draw_mix_plan(
+            n, self._rng, image_size=image_size, num_classes=self.num_classes,
+            smoothing=self.smoothing, **self.options,
+        )  # fmt: skip
+
+    def _draw_block(self, n: int, device: torch.device) -> None:
+        rows = max(1, min(BLOCK_BATCHES, _BLOCK_ELEMENTS // max(n, 1)))
+        alpha = self.options["mixup_alpha"]
+        lam = self._rng.beta(alpha, alpha, rows).astype(np.float32)
+        self._perm_block = np.tile(np.arange(n), (rows, 1))
+        self._rng.permuted(self._perm_block, axis=1, out=self._perm_block)
+        self._perms = list(self._perm_block)
+        self._lams = list(np.repeat(lam[:, None], n, axis=1))
+        self._no_cut = np.zeros(n, dtype=bool)
+        self._move_partners(device)
+
+    def _move_partners(self, device: torch.device) -> None:
+        """Copy the block's permutations to ``device`` at once (pinned, non-blocking on CUDA)."""
+        perms = torch.from_numpy(self._perm_block)
+        if device.type == "cuda":
+            perms = perms.pin_memory()
+        self._partners = list(perms.to(device, non_blocking=True).unbind(0))
+        self._device = device
 
 
 def _validate(

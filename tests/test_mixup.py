@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from lightning_reg import LabelSmoothing, Mixup, RegularizedModule, draw_mix_plan, mix_inputs
-from lightning_reg.mixup import MixPlan
+from lightning_reg.mixup import MixPlan, current_plan
 from tests.helpers import CountScalarReads, CrashAt, same_state, trainer_kwargs
 
 Pair = namedtuple("Pair", ["image", "label"])
@@ -281,6 +281,68 @@ def test_resume_draws_the_same_batches_as_an_uninterrupted_run(tmp_path):
     assert same_state(full.state_dict(), resumed.state_dict())
     state = torch.load(tmp_path / "part" / "last.ckpt", weights_only=True)["callbacks"]
     assert any(v.get("batches_seen") == 12 for v in state.values())  # 2 epochs x 6 batches
+
+
+class CrashAtBatch(pl.Callback):
+    def __init__(self, epoch, batch_idx):
+        self.at = (epoch, batch_idx)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == self.at:
+            raise RuntimeError("simulated crash mid-epoch")
+
+
+class RecordPlans(pl.Callback):
+    """The mixing plan of each training batch (``keep_targets=True``) by (epoch, batch index)."""
+
+    def __init__(self):
+        self.plans = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        plan = current_plan(pl_module)
+        boxes = None if plan.boxes is None else plan.boxes.tolist()
+        self.plans[(trainer.current_epoch, batch_idx)] = (plan.perm.tolist(), plan.lam.tolist(),
+                                                          boxes)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(mixup_alpha=0.8), dict(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem")],
+    ids=["whole-blocks", "one-by-one"],
+)
+def test_mid_epoch_resume_draws_the_plans_of_an_uninterrupted_run(tmp_path, monkeypatch, options):
+    # Blocks of 4 batches: 88 samples in batches of 16 give 5 full batches and one of 8 per
+    # epoch, so the crash (epoch 1, batch 3) falls inside a block and the short batch opens a
+    # block of its own size. The data loader keeps no state, so on resume it restarts the
+    # epoch's data at batch index 3: the plans are compared, not the mixed inputs, and batch
+    # (1, 5) is a full batch there (its plan is drawn for 16 samples, not 8).
+    monkeypatch.setattr("lightning_reg.mixup.BLOCK_BATCHES", 4)
+
+    def run(root, crash=None, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        data = ImageData(shuffle=False)
+        data.train_set = image_data(88)
+        record = RecordPlans()
+        callbacks = [Mixup(num_classes=4, keep_targets=True, **options), record,
+                     pl.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=1,
+                                                  save_last=True)]  # fmt: skip
+        callbacks += [CrashAtBatch(*crash)] if crash else []
+        trainer = pl.Trainer(**trainer_kwargs(root, callbacks=callbacks, max_epochs=3,
+                                              enable_checkpointing=True))  # fmt: skip
+        if crash:
+            with pytest.raises(RuntimeError, match="mid-epoch"):
+                trainer.fit(ConvNet(), datamodule=data)
+        else:
+            trainer.fit(ConvNet(), datamodule=data, ckpt_path=ckpt_path)
+        return record.plans
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "part", crash=(1, 3))
+    resumed = run(tmp_path / "resumed", ckpt_path=tmp_path / "part" / "last.ckpt")
+    assert len(full) == 18 and (1, 3) in resumed and (1, 0) not in resumed
+    assert len(full[(1, 5)][0]) == len(full[(2, 5)][0]) == len(resumed[(2, 5)][0]) == 8
+    assert all(resumed[key] == full[key] for key in resumed if key != (1, 5))
+    assert full[(1, 0)] != full[(2, 0)] and full[(1, 0)] != full[(1, 4)]  # no repeats
 
 
 def test_two_transforms_are_refused(tmp_path):

@@ -386,6 +386,21 @@ def test_smoothing_without_mixing_is_exact(eps: float):
     torch.testing.assert_close(smooth_targets(y, c, eps).double(), expected, atol=1e-7, rtol=0)
 
 
+@pytest.mark.parametrize("c", [3, 1024, 1025])  # cached class table up to 1024, scatter beyond
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_smooth_targets_table_and_scatter_paths_agree(c: int, dtype: torch.dtype):
+    y = torch.tensor([0, c - 1, 1, 0])
+    torch.set_default_dtype(dtype)  # soft rows take the default dtype, as torch.full does
+    try:
+        out = smooth_targets(y, c, 0.2)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    expected = torch.full((4, c), 0.2 / c, dtype=dtype).scatter_(1, y[:, None], 0.8 + 0.2 / c)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    out[0, 0] = -1.0  # the result is a new tensor: the cached table is unchanged
+    assert torch.equal(smooth_targets(y, c, 0.2), expected.float())
+
+
 def test_smooth_targets_docstring_values():
     out = smooth_targets(torch.tensor([0, 2]), num_classes=3, smoothing=0.3)
     torch.testing.assert_close(out, torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]]))
