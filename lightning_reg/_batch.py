@@ -12,11 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_reg._utils import trainer_callbacks
+from lightning_reg._utils import SkipsIdleStepHooks, trainer_callbacks
 
 InputsTargets = tuple[Tensor, Tensor]
 GetBatch = Callable[[Any], InputsTargets]
@@ -61,21 +60,23 @@ class BatchAdapter:
         self.input_key, self.target_key = input_key, target_key
         self.get_batch, self.set_batch = get_batch, set_batch
 
-    def split(self, batch: Any) -> InputsTargets:
-        """The ``(inputs, targets)`` of ``batch``."""
+    def split(self, batch: Any, keys: tuple[Any, Any] | None = None) -> InputsTargets:
+        """The ``(inputs, targets)`` of ``batch`` (at ``keys``, from :meth:`keys`, if given)."""
         if self.get_batch is not None:
             return self.get_batch(batch)
-        i, t = self._keys(batch)
+        i, t = keys or self.keys(batch)
         return batch[i], batch[t]
 
-    def replace(self, batch: Any, inputs: Tensor, targets: Tensor) -> Any:
+    def replace(
+        self, batch: Any, inputs: Tensor, targets: Tensor, keys: tuple[Any, Any] | None = None
+    ) -> Any:
         """A new batch of the same type with ``inputs`` and ``targets`` replaced.
 
-        The old batch is left as it was.
+        The old batch is left as it was. ``keys`` (from :meth:`keys`) saves looking them up again.
         """
         if self.set_batch is not None:
             return self.set_batch(batch, inputs, targets)
-        i, t = self._keys(batch)
+        i, t = keys or self.keys(batch)
         if isinstance(batch, Mapping):
             new = dict(batch)
             new[i], new[t] = inputs, targets
@@ -90,7 +91,12 @@ class BatchAdapter:
             return type(batch)(*items) if fields is not None else tuple(items)
         return items
 
-    def _keys(self, batch: Any) -> tuple[Any, Any]:
+    def keys(self, batch: Any) -> tuple[Any, Any]:
+        """The index or key of the inputs and of the targets in ``batch``.
+
+        Raises:
+            ValueError: if they cannot be found; the message names the options that fix it.
+        """
         if isinstance(batch, Mapping):
             i = self.input_key if self.input_key is not None else _first(batch, INPUT_KEYS)
             t = self.target_key if self.target_key is not None else _first(batch, TARGET_KEYS)
@@ -122,7 +128,7 @@ def _layout_error(batch: Any) -> str:
     )
 
 
-class TrainBatchTransform(Callback):
+class TrainBatchTransform(SkipsIdleStepHooks):
     """Base class: transforms training batches in ``on_after_batch_transfer`` during ``fit``."""
 
     def __init__(self, adapter: BatchAdapter) -> None:
@@ -137,6 +143,7 @@ class TrainBatchTransform(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         transforms = [
@@ -152,14 +159,27 @@ class TrainBatchTransform(Callback):
         # Lightning calls the DataModule's hook instead of the module's when it overrides it
         hosts = [pl_module] if datamodule is None else [pl_module, datamodule]
         for host in hosts:
-            if not isinstance(host.__dict__.get("on_after_batch_transfer"), _TransformingHook):
-                host.on_after_batch_transfer = _TransformingHook(  # type: ignore[method-assign]
-                    host.on_after_batch_transfer, self, trainer, pl_module
-                )
-                self._wrapped.append(host)
+            hook = host.__dict__.get("on_after_batch_transfer")
+            if isinstance(hook, _TransformingHook):  # left by a fit that raised: unwrap it
+                del host.on_after_batch_transfer
+            host.on_after_batch_transfer = _TransformingHook(  # type: ignore[method-assign]
+                host.on_after_batch_transfer, self, trainer, pl_module
+            )
+            self._wrapped.append(host)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._unwrap()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._unwrap()  # Lightning does not call `teardown` after an exception
+
+    def _unwrap(self) -> None:
         for host in self._wrapped:
             if isinstance(host.__dict__.get("on_after_batch_transfer"), _TransformingHook):
                 del host.on_after_batch_transfer
@@ -183,8 +203,10 @@ class _TransformingHook:
     def __call__(self, batch: Any, dataloader_idx: int = 0) -> Any:
         batch = self.original(batch, dataloader_idx)
         trainer = self.trainer
-        if not trainer.training or trainer.sanity_checking:
+        if not trainer.training:  # validation, sanity checking, test, predict
             return batch
-        inputs, targets = self.callback.adapter.split(batch)
+        adapter = self.callback.adapter
+        keys = None if adapter.get_batch is not None else adapter.keys(batch)  # looked up once
+        inputs, targets = adapter.split(batch, keys)
         inputs, targets = self.callback.transform(trainer, self.pl_module, inputs, targets)
-        return self.callback.adapter.replace(batch, inputs, targets)
+        return adapter.replace(batch, inputs, targets, keys)

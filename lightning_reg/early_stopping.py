@@ -28,12 +28,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_reg._snapshot import SNAPSHOT_LOCATIONS, SnapshotLocation, StateSnapshot
-from lightning_reg._utils import trainer_callbacks
+from lightning_reg._utils import SkipsIdleStepHooks, trainer_callbacks
 
 __all__ = ["EarlyStopping"]
 
 
-class EarlyStopping(_LightningEarlyStopping):
+class EarlyStopping(SkipsIdleStepHooks, _LightningEarlyStopping):
     r"""Lightning's ``EarlyStopping`` that also restores the best weights when training ends.
 
     Same name, arguments, defaults and stopping behaviour as
@@ -199,9 +199,6 @@ class EarlyStopping(_LightningEarlyStopping):
                 f"{len(restoring)} EarlyStopping callbacks restore best weights; the last one in "
                 "the callback list wins. Pass `restore_best_weights=False` to the others."
             )
-        # Restoring must come after the checkpoint callbacks, which Lightning always runs last.
-        if self._restorer not in trainer_callbacks(trainer):
-            trainer_callbacks(trainer).append(self._restorer)
 
     def _snapshot_path(self, trainer: pl.Trainer) -> Path | None:
         if self.snapshot_to != "disk":
@@ -212,8 +209,32 @@ class EarlyStopping(_LightningEarlyStopping):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         if self._restorer in trainer_callbacks(trainer):
             trainer_callbacks(trainer).remove(self._restorer)
+
+    # --------------------------------------------------------------------------------- restoring
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._queue_restore(trainer)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._queue_restore(trainer)
+
+    def _queue_restore(self, trainer: pl.Trainer) -> None:
+        """Append the restorer behind every callback, in the hook Lightning is dispatching.
+
+        Restoring must come after the checkpoint callbacks (Lightning runs them last), so that
+        ``last.ckpt`` and exception checkpoints keep the weights training reached. Lightning
+        iterates the live callback list, so a callback appended now runs in this same hook.
+        It is added only here, not in ``setup``, so it costs the per-step hooks nothing.
+        """
+        if self.restore_best_weights and self._restorer not in trainer_callbacks(trainer):
+            trainer_callbacks(trainer).append(self._restorer)
 
     # ---------------------------------------------------------------------------------- checking
     @override
@@ -341,7 +362,7 @@ class EarlyStopping(_LightningEarlyStopping):
 
 
 class _RestoreAfterCheckpoints(Callback):
-    """Runs the restore after the checkpoint callbacks (appended behind them in ``setup``)."""
+    """Runs the restore after the checkpoint callbacks (appended behind them at the end)."""
 
     def __init__(self, owner: EarlyStopping) -> None:
         self.owner = owner

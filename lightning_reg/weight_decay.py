@@ -21,7 +21,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -32,7 +31,7 @@ from lightning_reg._optim import (
     split_groups,
     walk_optimizer_config,
 )
-from lightning_reg._utils import trainer_callbacks
+from lightning_reg._utils import SkipsIdleStepHooks, trainer_callbacks
 
 __all__ = [
     "WeightDecayExclusion",
@@ -281,7 +280,7 @@ def coupled_weight_decay_warning(optimizer: torch.optim.Optimizer) -> str | None
     )
 
 
-class WeightDecayExclusion(Callback):
+class WeightDecayExclusion(SkipsIdleStepHooks):
     """Apply the decay/no-decay split to the optimizers your ``configure_optimizers`` builds.
 
     Your ``configure_optimizers`` stays as it is (for example ``AdamW(self.parameters(),
@@ -358,6 +357,7 @@ class WeightDecayExclusion(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         others = [cb for cb in trainer_callbacks(trainer) if isinstance(cb, WeightDecayExclusion)]
@@ -366,10 +366,10 @@ class WeightDecayExclusion(Callback):
                 f"{len(others)} WeightDecayExclusion callbacks are attached; keep one and put all "
                 "exclusion rules on it."
             )
-        if not isinstance(pl_module.__dict__.get("configure_optimizers"), _RegroupedOptimizers):
-            pl_module.configure_optimizers = _RegroupedOptimizers(  # type: ignore[method-assign]
-                pl_module.configure_optimizers, self, pl_module
-            )
+        self._unwrap(pl_module)  # a fit that raised may have left its wrapper behind
+        pl_module.configure_optimizers = _RegroupedOptimizers(  # type: ignore[method-assign]
+            pl_module.configure_optimizers, self, pl_module
+        )
 
     def regroup(self, pl_module: nn.Module, config: Any) -> None:
         """Split the param groups of every optimizer in a ``configure_optimizers`` result."""
@@ -404,6 +404,17 @@ class WeightDecayExclusion(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._unwrap(pl_module)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._unwrap(pl_module)  # Lightning does not call `teardown` after an exception
+
+    def _unwrap(self, pl_module: pl.LightningModule) -> None:
         if isinstance(pl_module.__dict__.get("configure_optimizers"), _RegroupedOptimizers):
             del pl_module.configure_optimizers
         for optimizer in self._patched:

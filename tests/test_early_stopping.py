@@ -220,16 +220,26 @@ def test_every_snapshot_location_restores_the_same_state(tmp_path, location):
     assert list((tmp_path / "s").glob("*.pt")) if location == "disk" else True
 
 
-def test_restorer_runs_after_checkpoints_and_is_removed(tmp_path):
+class CallbacksDuringSteps(pl.Callback):
+    def __init__(self):
+        self.counts = set()
+
+    def on_train_batch_end(self, trainer, *args):
+        self.counts.add(len(trainer.callbacks))
+
+
+def test_restorer_runs_after_checkpoints_only_at_the_end(tmp_path):
     model = scripted([5, 1, 2, 3])
     es, rec = EarlyStopping("val_loss", patience=10), StateRecorder()
+    during = CallbacksDuringSteps()
     # save_top_k=0: no epoch-end save, so ModelCheckpoint writes last.ckpt in on_train_end
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=0, save_last=True)
-    trainer = fit(tmp_path, model, [es, rec, ckpt], max_epochs=4, enable_checkpointing=True)
+    trainer = fit(tmp_path, model, [es, rec, during, ckpt], max_epochs=4, enable_checkpointing=True)
     last = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
     assert same_state(last["state_dict"], rec.states[3])  # what training reached, not the best
     assert same_state(model.state_dict(), rec.states[1])
-    assert trainer.callbacks[-1] is ckpt  # our helper callback was taken out again
+    # the helper callback is not dispatched the per-step hooks, and is taken out again
+    assert during.counts == {len(trainer.callbacks)} and trainer.callbacks[-1] is ckpt
 
 
 def test_exception_checkpoint_holds_the_crash_time_weights(tmp_path):
