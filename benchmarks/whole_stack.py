@@ -22,10 +22,12 @@ what a user pays end to end: ``Trainer.fit`` of the same model on the same data,
    tell the cost of mixing itself from that of the callbacks, ``stack - Mixup, no val``.
 
 Model and data: an MLP 256 -> 512 (LayerNorm, ReLU) -> 512 (ReLU) -> 10 on 8192 synthetic training
-samples (a noisy linear teacher labels Gaussian inputs; 2048 validation samples), batch 128, 4
-epochs: 256 optimizer steps of about 3 ms, where the per-step path dominates the fit and any fixed
-per-step cost of the callbacks shows. Every fit starts from ``seed_everything(0)``, so all
-configurations start from the same weights and see the batches in the same order.
+samples (a noisy linear teacher labels Gaussian inputs; 2048 validation samples), batch 128: 64
+optimizer steps of about 3 ms per epoch, where the per-step path dominates the fit and any fixed
+per-step cost of the callbacks shows. Two experiments: the per-step one fits (4) for 2 epochs,
+the whole-fit one (1)-(3) for 4 epochs with a validation after each. Every fit starts from
+``seed_everything(0)``, so all configurations start from the same weights and see the batches in
+the same order.
 
 Besides the wall time of ``fit``, the module clocks itself with its own hooks (which Lightning
 calls whatever callbacks are attached, so the clock costs every configuration the same, a few
@@ -39,8 +41,9 @@ step time, ratio <= 1.05 for both), the stack no slower than the hand-written ve
 ratio <= 1.0); the gap monitor's extra evaluation is reported per validation and as a fraction of
 the fit.
 
-Each round runs every configuration once, in an order shuffled (seeded) from round to round; the
-first round is a warm-up and is dropped. This machine is noisy in a particular way: the same fit
+Each round of an experiment runs its configurations once each, in an order rotated from round to
+round (each configuration runs in each position equally often); the first round is a warm-up and
+is dropped. This machine is noisy in a particular way: the same fit
 varies by +-10% from one run to the next (a slow drift shared by fits that run close together),
 far more than the differences measured here. So the verdicts read the median over rounds of the
 ratio within each round (the two fits of a ratio ran seconds apart), and the ratio of the
@@ -99,6 +102,7 @@ from lightning_reg import (
     RegularizationMonitor,
     WeightDecayExclusion,
 )
+from lightning_reg._utils import PER_STEP_HOOKS
 
 N_TRAIN, N_VAL, FEATURES, HIDDEN, CLASSES, BATCH = 8192, 2048, 256, 512, 10, 128
 LR, WEIGHT_DECAY, MIXUP_ALPHA, SMOOTHING, SUBSET = 1e-3, 0.05, 1.0, 0.1, 1024
@@ -470,10 +474,6 @@ def _verdict(ok: bool) -> str:
 
 
 # ----------------------------------------------------------------------------------- breakdown
-PER_STEP_HOOKS = frozenset((
-    "on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
-    "on_before_zero_grad", "on_train_batch_end",
-))  # fmt: skip
 DISPATCH, TRANSFORM, STEP, OPTIMIZER = (
     "callback dispatch, 6 per-step hooks", "batch transform (Mixup's on_after_batch_transfer)",
     "training_step (forward + loss)", "optimizer math (torch.optim.adam.adam, all groups)",

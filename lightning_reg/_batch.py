@@ -21,6 +21,8 @@ InputsTargets = tuple[Tensor, Tensor]
 GetBatch = Callable[[Any], InputsTargets]
 SetBatch = Callable[[Any, Tensor, Tensor], Any]
 
+PLAN_ATTRIBUTE = "_lightning_reg_mix_plan"  # where the current batch's plan is published
+
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "img", "pixel_values", "features", "data")
 TARGET_KEYS = ("target", "targets", "y", "label", "labels", "class", "cls")
 
@@ -134,6 +136,7 @@ class TrainBatchTransform(SkipsIdleStepHooks):
     def __init__(self, adapter: BatchAdapter) -> None:
         self.adapter = adapter
         self._wrapped: list[Any] = []
+        self._module: pl.LightningModule | None = None
 
     def transform(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor, targets: Tensor
@@ -155,6 +158,7 @@ class TrainBatchTransform(SkipsIdleStepHooks):
                 f"Several training-batch transforms are attached ({names}); their targets would "
                 "be transformed twice. Use one: Mixup takes `label_smoothing=` itself."
             )
+        self._module = pl_module
         datamodule = getattr(trainer, "datamodule", None)
         # Lightning calls the DataModule's hook instead of the module's when it overrides it
         hosts = [pl_module] if datamodule is None else [pl_module, datamodule]
@@ -180,10 +184,14 @@ class TrainBatchTransform(SkipsIdleStepHooks):
         self._unwrap()  # Lightning does not call `teardown` after an exception
 
     def _unwrap(self) -> None:
+        """Take the hook wrappers off and withdraw the last published plan."""
         for host in self._wrapped:
             if isinstance(host.__dict__.get("on_after_batch_transfer"), _TransformingHook):
                 del host.on_after_batch_transfer
         self._wrapped = []
+        if self._module is not None:
+            self._module.__dict__.pop(PLAN_ATTRIBUTE, None)
+            self._module = None
 
 
 class _TransformingHook:

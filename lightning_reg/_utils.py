@@ -23,18 +23,25 @@ class SkipsIdleStepHooks(Callback):
     Lightning calls each of the six per-step hooks on every callback, inherited no-ops included,
     each inside a profiler context with a formatted name: about 2 us per hook and callback on a
     CPU, so a dozen microseconds per callback and step. Its dispatcher skips hook attributes that
-    are not callable. From ``setup`` to ``teardown`` (or ``on_exception``) the per-step hooks a
-    class leaves as ``Callback``'s no-ops are shadowed by ``None`` on the instance; hooks that a
-    class (a user's subclass included) overrides are left alone, and ``super()`` calls still reach
-    ``Callback``'s methods.
+    are not callable. From ``setup("fit")`` to ``teardown`` (or ``on_exception``) the per-step
+    hooks a class leaves as ``Callback``'s no-ops are shadowed by ``None`` on the instance. Hooks
+    that a class (a user's subclass included) overrides, or that were set on the instance, are
+    left alone, and ``super()`` calls still reach ``Callback``'s methods.
     """
+
+    _shadowed_hooks: tuple[str, ...] = ()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        for name in PER_STEP_HOOKS:
-            if getattr(type(self), name) is getattr(Callback, name):
-                setattr(self, name, None)
+        if stage != "fit":
+            return
+        self._shadowed_hooks = tuple(
+            name for name in PER_STEP_HOOKS
+            if name not in self.__dict__ and getattr(type(self), name) is getattr(Callback, name)
+        )  # fmt: skip
+        for name in self._shadowed_hooks:
+            setattr(self, name, None)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -49,6 +56,7 @@ class SkipsIdleStepHooks(Callback):
         super().on_exception(trainer, pl_module, exception)
 
     def _unshadow_step_hooks(self) -> None:
-        for name in PER_STEP_HOOKS:
+        for name in self._shadowed_hooks:
             if name in self.__dict__ and self.__dict__[name] is None:
                 del self.__dict__[name]
+        self._shadowed_hooks = ()

@@ -153,6 +153,7 @@ class EarlyStopping(SkipsIdleStepHooks, _LightningEarlyStopping):
         self._snapshot: StateSnapshot | None = None
         self._state_key = super().state_key  # Lightning reads it at every hook call
         self._restorer = _RestoreAfterCheckpoints(self)
+        self._fitting = False  # between setup("fit") and teardown/on_exception
         self._sync_checked = False
         self._replicated = True
 
@@ -174,6 +175,8 @@ class EarlyStopping(SkipsIdleStepHooks, _LightningEarlyStopping):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._remove_restorer(trainer)  # left behind by a fit that raised
+        self._fitting = stage == "fit"
         if stage != "fit" or not self.restore_best_weights:
             return
         self._replicated = isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
@@ -210,12 +213,13 @@ class EarlyStopping(SkipsIdleStepHooks, _LightningEarlyStopping):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        if self._restorer in trainer_callbacks(trainer):
-            trainer_callbacks(trainer).remove(self._restorer)
+        self._remove_restorer(trainer)
+        self._fitting = False
 
     # --------------------------------------------------------------------------------- restoring
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
         self._queue_restore(trainer)
 
     @override
@@ -223,7 +227,9 @@ class EarlyStopping(SkipsIdleStepHooks, _LightningEarlyStopping):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         super().on_exception(trainer, pl_module, exception)
-        self._queue_restore(trainer)
+        if self.restore_on_exception:
+            self._queue_restore(trainer)
+        self._fitting = False  # `teardown` does not follow an exception
 
     def _queue_restore(self, trainer: pl.Trainer) -> None:
         """Append the restorer behind every callback, in the hook Lightning is dispatching.
@@ -231,10 +237,18 @@ class EarlyStopping(SkipsIdleStepHooks, _LightningEarlyStopping):
         Restoring must come after the checkpoint callbacks (Lightning runs them last), so that
         ``last.ckpt`` and exception checkpoints keep the weights training reached. Lightning
         iterates the live callback list, so a callback appended now runs in this same hook.
-        It is added only here, not in ``setup``, so it costs the per-step hooks nothing.
+        It is added only here, not in ``setup``, so it costs the per-step hooks nothing. Only a
+        fit that went through ``setup`` restores (not ``validate``/``test``, nor a fit that
+        failed before it started).
         """
-        if self.restore_best_weights and self._restorer not in trainer_callbacks(trainer):
+        if not (self._fitting and self.restore_best_weights):
+            return
+        if self._restorer not in trainer_callbacks(trainer):
             trainer_callbacks(trainer).append(self._restorer)
+
+    def _remove_restorer(self, trainer: pl.Trainer) -> None:
+        if self._restorer in trainer_callbacks(trainer):
+            trainer_callbacks(trainer).remove(self._restorer)
 
     # ---------------------------------------------------------------------------------- checking
     @override

@@ -10,8 +10,6 @@ Method card:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -23,10 +21,8 @@ __all__ = ["LabelSmoothing", "smooth_targets"]
 def smooth_targets(targets: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
     """Turn integer class targets ``(N,)`` into smoothed probability rows ``(N, num_classes)``.
 
-    The rows are looked up in a ``C x C`` table of smoothed one-hot rows, made once per device
-    (for up to 1024 classes; beyond, built with ``scatter_``), rather than with ``F.one_hot``,
-    which checks the class range on the host (a device synchronisation per call).
-    Already-soft targets ``(N, C)`` are returned as they are.
+    Built with ``scatter_`` rather than ``F.one_hot``, which checks the class range on the host
+    (a device synchronisation per call). Already-soft targets ``(N, C)`` are returned as they are.
 
     Args:
         targets: integer class indices, or float probability rows.
@@ -61,25 +57,18 @@ def smooth_targets(targets: Tensor, num_classes: int, smoothing: float = 0.0) ->
         )
     if num_classes is None or num_classes < 2:
         raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
-    if num_classes <= _TABLE_CLASSES:
-        table = _smoothed_rows(num_classes, smoothing, targets.device, torch.get_default_dtype())
-        return table.index_select(0, targets)
     off = smoothing / num_classes
     soft = torch.full((targets.shape[0], num_classes), off, device=targets.device)
     return soft.scatter_(1, targets.unsqueeze(1), 1.0 - smoothing + off)
 
 
-_TABLE_CLASSES = 1024  # a cached table holds at most 1024 x 1024 values (4 MiB in float32)
+def smoothed_rows(num_classes: int, smoothing: float, device: torch.device) -> Tensor:
+    """A ``C x C`` table whose row ``c`` is ``smooth_targets`` of class ``c``.
 
-
-@functools.lru_cache(maxsize=8)
-def _smoothed_rows(
-    num_classes: int, smoothing: float, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    """Row ``c`` is the smoothed target of class ``c``: one indexing op per batch, not two."""
-    off = smoothing / num_classes
-    rows = torch.full((num_classes, num_classes), off, device=device, dtype=dtype)
-    return rows.fill_diagonal_(1.0 - smoothing + off)
+    A callback keeps one and indexes it (``rows.index_select(0, targets)``): one op per batch
+    instead of two, with the same values.
+    """
+    return smooth_targets(torch.arange(num_classes, device=device), num_classes, smoothing)
 
 
 class LabelSmoothing(TrainBatchTransform):

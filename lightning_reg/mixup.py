@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,13 +25,18 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_reg._batch import BatchAdapter, GetBatch, SetBatch, TrainBatchTransform
-from lightning_reg.label_smoothing import smooth_targets
+from lightning_reg._batch import (
+    PLAN_ATTRIBUTE,
+    BatchAdapter,
+    GetBatch,
+    SetBatch,
+    TrainBatchTransform,
+)
+from lightning_reg.label_smoothing import smooth_targets, smoothed_rows
 
 __all__ = ["MixPlan", "Mixup", "draw_mix_plan", "mix_inputs", "mixup_batch"]
 
 MixMode = Literal["batch", "elem"]
-_PLAN_ATTRIBUTE = "_lightning_reg_mix_plan"
 
 
 @dataclass
@@ -53,6 +59,8 @@ class MixPlan:
         smoothing: label smoothing fused into the targets.
         partners: ``perm`` as a tensor, kept once made (on the device of the last batch the plan
             was applied to), so the inputs and the targets share one copy.
+        class_rows: a table of smoothed one-hot rows (``smoothed_rows``) for integer targets,
+            when the caller keeps one; otherwise the rows are built per batch.
     """
 
     perm: np.ndarray
@@ -63,6 +71,7 @@ class MixPlan:
     num_classes: int | None
     smoothing: float
     partners: Tensor | None = field(default=None, repr=False, compare=False)
+    class_rows: Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def identity(cls, n: int, num_classes: int | None, smoothing: float) -> MixPlan:
@@ -91,13 +100,27 @@ class MixPlan:
                 "Integer class targets need `num_classes=` to become probability rows; pass it "
                 "to the callback."
             )
-        soft = smooth_targets(targets, self.num_classes or 0, self.smoothing)
+        soft = self._smooth(targets)
         if not self.mixes:
             return soft
         partner = soft.index_select(0, self.partner_index(soft.device))
         if self.shared:
             return partner.lerp_(soft, float(self.lam[0]))  # in place: one allocation
         return partner.lerp_(soft, _to(self.lam, soft.device, soft.dtype).unsqueeze(1))
+
+    def _smooth(self, targets: Tensor) -> Tensor:
+        rows = self.class_rows
+        if rows is None or targets.is_floating_point() or targets.ndim != 1:
+            return smooth_targets(targets, self.num_classes or 0, self.smoothing)
+        if rows.device != targets.device:
+            rows = rows.to(targets.device)
+        try:
+            return rows.index_select(0, targets)
+        except (IndexError, RuntimeError) as error:  # CPU checks the range; CUDA asserts
+            raise ValueError(
+                f"Class targets must lie in [0, {rows.shape[0]}) for num_classes="
+                f"{rows.shape[0]}: {error}. Check `num_classes=`."
+            ) from error
 
 
 def _to(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
@@ -278,12 +301,12 @@ def mixup_batch(
 
 def publish_plan(module: torch.nn.Module, plan: MixPlan | None) -> None:
     """Make the current batch's plan available to ``RegularizedModule.cross_entropy``."""
-    module.__dict__[_PLAN_ATTRIBUTE] = plan
+    module.__dict__[PLAN_ATTRIBUTE] = plan
 
 
 def current_plan(module: torch.nn.Module) -> MixPlan | None:
     """The plan of the batch being trained on (``None`` outside training or without a callback)."""
-    plan = module.__dict__.get(_PLAN_ATTRIBUTE)
+    plan = module.__dict__.get(PLAN_ATTRIBUTE)
     return plan if isinstance(plan, MixPlan) else None
 
 
@@ -294,11 +317,12 @@ class Mixup(TrainBatchTransform):
     become the matching probability rows, so ``F.cross_entropy(logits, y)`` in an unchanged
     ``training_step`` trains on them. Validation, test and predict batches are untouched.
 
-    Each rank draws from its own generator, seeded from ``seed`` (default: the seed of
-    ``seed_everything``), the global rank and the epoch, with the position in the epoch kept in
-    checkpoints: runs are reproducible, resumable, and ranks do not share partners or
-    coefficients. The draws are made
-    on the host, so mixing adds no host-device synchronisation.
+    The draws of each block of 64 consecutive batches come from one generator, seeded from
+    ``seed`` (default: the seed of ``seed_everything``), the global rank, the epoch, the block
+    and the batch size, and the position in the epoch is kept in checkpoints: runs are
+    reproducible and resume mid-epoch with the draws of an uninterrupted run, and ranks do not
+    share partners or coefficients. The draws are made on the host (a block at a time in batch
+    mode), so mixing adds no host-device synchronisation.
 
     Args:
         mixup_alpha: Beta(alpha, alpha) parameter of the mixup coefficient; 0 disables mixup.
@@ -367,7 +391,7 @@ class Mixup(TrainBatchTransform):
         self.off_epoch, self.off_fraction = off_epoch, off_fraction
         self.keep_targets, self.seed = keep_targets, seed
         self.batches_seen, self.batch_in_epoch = 0, 0
-        self._plans = _PlanSource(self.options, num_classes, label_smoothing)
+        self._plans = _PlanSource(self)
         self._lam_sum, self._lam_count = 0.0, 0
         self._state_key = self._generate_state_key(**self.options)  # read by Lightning per hook
 
@@ -426,8 +450,15 @@ class Mixup(TrainBatchTransform):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        publish_plan(pl_module, None)
+        super().teardown(trainer, pl_module, stage)  # also withdraws the published plan
+        self._plans.clear()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._plans.clear()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -449,6 +480,19 @@ case, in one go)."""
 _BLOCK_ELEMENTS = 1 << 18  # at most this many permutation entries per block
 
 
+class _Block:
+    """The plans of one block of batch positions: its generator and what was drawn from it."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.drawn = 0  # plans drawn one by one so far
+        self.perms: np.ndarray | None = None  # whole-block draws: (rows, n) permutations
+        self.lams: list[np.ndarray] = []
+        self.partners: list[Tensor] = []
+        self.device: torch.device | None = None
+        self.no_cut = np.zeros(0, dtype=bool)
+
+
 class _PlanSource:
     """One rank's plans, each a function of its epoch key, position in the epoch and batch size.
 
@@ -458,24 +502,27 @@ class _PlanSource:
     shift the draws of the others. In the common case (batch mode, mixup only, every batch mixed)
     a block's coefficients and permutations are drawn in two NumPy calls and its permutations
     reach the device in one copy, so a batch costs a few list look-ups; otherwise the block's
-    plans are drawn one by one with :func:`draw_mix_plan`.
+    plans are drawn one by one with :func:`draw_mix_plan`. The last few blocks are kept, so
+    batches of alternating sizes do not redraw them. Settings are read from the callback at
+    each block, so changing them between fits (``mix.num_classes = ...``) takes effect.
     """
 
-    def __init__(self, options: dict[str, Any], num_classes: int | None, smoothing: float) -> None:
-        self.options, self.num_classes, self.smoothing = options, num_classes, smoothing
-        self.whole_blocks = (
-            options["mode"] == "batch" and options["prob"] >= 1.0
-            and options["cutmix_alpha"] == 0 and options["cutmix_minmax"] is None
-        )  # fmt: skip
-        self._key: tuple[Any, ...] | None = None
-        self._rng = np.random.default_rng(0)
-        self._drawn = 0  # plans drawn from the block's generator (one-by-one path)
-        self._perm_block = np.zeros((0, 0), dtype=np.int64)
-        self._perms: list[np.ndarray] = []
-        self._lams: list[np.ndarray] = []
-        self._partners: list[Tensor] = []
-        self._device: torch.device | None = None
-        self._no_cut = np.zeros(0, dtype=bool)
+    def __init__(self, owner: Mixup) -> None:
+        self.owner = owner
+        self._blocks: OrderedDict[tuple[Any, ...], _Block] = OrderedDict()
+        self._rows_key: tuple[Any, ...] | None = None
+        self._rows: Tensor | None = None
+
+    def clear(self) -> None:
+        """Drop the kept blocks and tables (device tensors included)."""
+        self._blocks.clear()
+        self._rows_key, self._rows = None, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"owner": self.owner}  # kept blocks and device tensors stay behind
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["owner"])  # type: ignore[misc]
 
     def plan(
         self,
@@ -486,50 +533,77 @@ class _PlanSource:
         device: torch.device,
     ) -> MixPlan:
         """The plan of the batch at ``position`` in the epoch, ``n`` samples, on ``device``."""
-        block, row = divmod(position, max(1, min(BLOCK_BATCHES, _BLOCK_ELEMENTS // max(n, 1))))
-        key = (*epoch_key, block, n, image_size)
-        if key != self._key or (not self.whole_blocks and row < self._drawn):
-            self._key, self._drawn = key, 0
-            self._rng = np.random.default_rng([*epoch_key, block, n])
-            if self.whole_blocks:
-                self._draw_block(n, device)
-        if not self.whole_blocks:
-            for _ in range(self._drawn, row):  # replay the block's earlier draws after a resume
-                self._draw(n, image_size)
-            self._drawn = row + 1
-            return self._draw(n, image_size)
-        if device != self._device:
-            self._move_partners(device)
-        return MixPlan(
-            perm=self._perms[row], lam=self._lams[row], boxes=None, cut=self._no_cut,
-            shared=True, num_classes=self.num_classes, smoothing=self.smoothing,
-            partners=self._partners[row],
+        options, owner = self.owner.options, self.owner
+        whole = (
+            options["mode"] == "batch" and options["prob"] >= 1.0
+            and options["cutmix_alpha"] == 0 and options["cutmix_minmax"] is None
         )  # fmt: skip
-
-    def _draw(self, n: int, image_size: tuple[int, int] | None) -> MixPlan:
-        return draw_mix_plan(
-            n, self._rng, image_size=image_size, num_classes=self.num_classes,
-            smoothing=self.smoothing, **self.options,
-        )  # fmt: skip
-
-    def _draw_block(self, n: int, device: torch.device) -> None:
         rows = max(1, min(BLOCK_BATCHES, _BLOCK_ELEMENTS // max(n, 1)))
-        alpha = self.options["mixup_alpha"]
-        lam = self._rng.beta(alpha, alpha, rows).astype(np.float32)
-        self._perm_block = np.tile(np.arange(n), (rows, 1))
-        self._rng.permuted(self._perm_block, axis=1, out=self._perm_block)
-        self._perms = list(self._perm_block)
-        self._lams = list(np.repeat(lam[:, None], n, axis=1))
-        self._no_cut = np.zeros(n, dtype=bool)
-        self._move_partners(device)
+        index, row = divmod(position, rows)
+        key = (*epoch_key, index, n, whole, None if whole else image_size)
+        block = self._blocks.get(key)
+        if block is None or (not whole and row < block.drawn):  # new, or going back: afresh
+            block = self._blocks[key] = _Block(np.random.default_rng([*epoch_key, index, n]))
+            if whole:
+                self._draw_block(block, rows, n)
+            while len(self._blocks) > _KEPT_BLOCKS:
+                self._blocks.popitem(last=False)
+        if not whole:
+            for _ in range(block.drawn, row):  # replay the block's earlier draws after a resume
+                self._draw(block.rng, n, image_size)
+            block.drawn = row + 1
+            plan = self._draw(block.rng, n, image_size)
+        else:
+            if device != block.device:
+                _move_partners(block, device)
+            plan = MixPlan(
+                perm=block.perms[row], lam=block.lams[row], boxes=None,  # type: ignore[index]
+                cut=block.no_cut, shared=True, num_classes=owner.num_classes,
+                smoothing=owner.label_smoothing, partners=block.partners[row],
+            )  # fmt: skip
+        plan.class_rows = self._class_rows(device)
+        return plan
 
-    def _move_partners(self, device: torch.device) -> None:
-        """Copy the block's permutations to ``device`` at once (pinned, non-blocking on CUDA)."""
-        perms = torch.from_numpy(self._perm_block)
-        if device.type == "cuda":
-            perms = perms.pin_memory()
-        self._partners = list(perms.to(device, non_blocking=True).unbind(0))
-        self._device = device
+    def _draw(
+        self, rng: np.random.Generator, n: int, image_size: tuple[int, int] | None
+    ) -> MixPlan:
+        return draw_mix_plan(
+            n, rng, image_size=image_size, num_classes=self.owner.num_classes,
+            smoothing=self.owner.label_smoothing, **self.owner.options,
+        )  # fmt: skip
+
+    def _draw_block(self, block: _Block, rows: int, n: int) -> None:
+        alpha = self.owner.options["mixup_alpha"]
+        lam = block.rng.beta(alpha, alpha, rows).astype(np.float32)
+        block.perms = np.tile(np.arange(n), (rows, 1))
+        block.rng.permuted(block.perms, axis=1, out=block.perms)
+        block.lams = list(np.repeat(lam[:, None], n, axis=1))
+        block.no_cut = np.zeros(n, dtype=bool)
+
+    def _class_rows(self, device: torch.device) -> Tensor | None:
+        """The callback's table of smoothed one-hot rows on ``device`` (one kept at a time)."""
+        classes, smoothing = self.owner.num_classes, self.owner.label_smoothing
+        if classes is None or classes > _TABLE_CLASSES:
+            return None
+        key = (classes, smoothing, device, torch.get_default_dtype())
+        if key != self._rows_key:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None  # a table made now would live in the graph's private pool
+            self._rows_key, self._rows = key, smoothed_rows(classes, smoothing, device)
+        return self._rows
+
+
+_KEPT_BLOCKS = 4  # blocks kept per callback (batches of alternating sizes use two)
+_TABLE_CLASSES = 1024  # a table of smoothed rows holds at most 1024 x 1024 values
+
+
+def _move_partners(block: _Block, device: torch.device) -> None:
+    """Copy the block's permutations to ``device`` at once (pinned, non-blocking on CUDA)."""
+    perms = torch.from_numpy(block.perms)
+    if device.type == "cuda":
+        perms = perms.pin_memory()
+    block.partners = list(perms.to(device, non_blocking=True).unbind(0))
+    block.device = device
 
 
 def _validate(

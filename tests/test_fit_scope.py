@@ -7,12 +7,21 @@ raises (Lightning then calls ``on_exception`` but not ``teardown``), so a second
 same process (a notebook after a crash) runs with the new callbacks, not stale wrappers.
 """
 
+import pickle
+
 import lightning.pytorch as pl
 import pytest
+import torch
 
 from lightning_reg import EarlyStopping, Mixup, WeightDecayExclusion
 from lightning_reg._utils import PER_STEP_HOOKS
-from tests.helpers import BlobsDataModule, CrashAt, TinyClassifier, trainer_kwargs
+from lightning_reg.mixup import current_plan
+from tests.helpers import BlobsDataModule, CrashAt, TinyClassifier, same_state, trainer_kwargs
+
+
+class CrashesInTest(TinyClassifier):
+    def test_step(self, batch, batch_idx):
+        raise RuntimeError("simulated crash in test")
 
 
 class CountingEarlyStopping(EarlyStopping):
@@ -72,3 +81,45 @@ def test_a_fit_that_raises_leaves_nothing_behind_and_the_next_fit_is_clean(tmp_p
     assert names == {"net.0.weight", "net.0.bias", "net.3.bias"}
     assert "on_after_batch_transfer" not in vars(model)
     assert crashed[1].batches_seen == 8  # its first epoch only: the stale wrapper was not used
+
+
+def test_a_hook_set_on_the_instance_is_kept_and_called(tmp_path):
+    mix, calls = Mixup(0.4, num_classes=4), []
+    mix.on_train_batch_end = lambda *args: calls.append(1)
+    fit(tmp_path, TinyClassifier(), [mix], max_epochs=1)
+    assert len(calls) == 8 and callable(vars(mix)["on_train_batch_end"])
+
+
+def test_restore_happens_only_in_a_fit_that_started(tmp_path):
+    model, es = CrashesInTest(), EarlyStopping("val_loss", patience=10)
+    trainer = fit(tmp_path, model, [es], max_epochs=2)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.net[0].weight.add_(1.0)  # weights after fit, changed by the user
+    changed = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not same_state(changed, trained)
+    trainer.validate(model, datamodule=BlobsDataModule(), verbose=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.test(model, dataloaders=BlobsDataModule().val_dataloader(), verbose=False)
+    assert same_state(model.state_dict(), changed)  # neither restored the old snapshot
+    assert es._restorer not in trainer.callbacks
+
+
+def test_a_crashed_fit_leaves_no_restorer_or_published_plan_for_the_next_run(tmp_path):
+    model = TinyClassifier()
+    es, mix = EarlyStopping("val_loss"), Mixup(0.4, num_classes=4, keep_targets=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[es, mix, CrashAt(1)], max_epochs=3))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.fit(model, datamodule=BlobsDataModule())
+    assert current_plan(model) is None and not mix._plans._blocks
+    assert es._restorer in trainer.callbacks  # appended for the restore; taken out at setup
+    trainer.validate(model, datamodule=BlobsDataModule(), verbose=False)
+    assert es._restorer not in trainer.callbacks
+
+
+def test_no_device_tensor_or_block_is_kept_after_fit(tmp_path):
+    mix = Mixup(0.4, num_classes=4)
+    fit(tmp_path, TinyClassifier(), [mix], max_epochs=1)
+    assert not mix._plans._blocks and mix._plans._rows is None
+    restored = pickle.loads(pickle.dumps(mix))
+    assert restored._plans.owner is restored

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from lightning_reg import LabelSmoothing, Mixup, RegularizedModule, draw_mix_plan, mix_inputs
+from lightning_reg import mixup as mixup_module
 from lightning_reg.mixup import MixPlan, current_plan
 from tests.helpers import CountScalarReads, CrashAt, same_state, trainer_kwargs
 
@@ -343,6 +344,38 @@ def test_mid_epoch_resume_draws_the_plans_of_an_uninterrupted_run(tmp_path, monk
     assert len(full[(1, 5)][0]) == len(full[(2, 5)][0]) == len(resumed[(2, 5)][0]) == 8
     assert all(resumed[key] == full[key] for key in resumed if key != (1, 5))
     assert full[(1, 0)] != full[(2, 0)] and full[(1, 0)] != full[(1, 4)]  # no repeats
+
+
+@pytest.mark.parametrize("options", [dict(), dict(cutmix_alpha=1.0, mode="elem")])
+def test_alternating_batch_sizes_keep_their_blocks_and_draws(monkeypatch, options):
+    made = []
+    original = mixup_module._Block
+
+    def counting_block(rng):
+        made.append(1)
+        return original(rng)
+
+    monkeypatch.setattr(mixup_module, "_Block", counting_block)
+    mix = Mixup(0.8, num_classes=4, **options)
+    mix.seed = 0
+    sizes = [16, 15] * 20  # e.g. a bucketing sampler
+    plans = [mix._plans.plan((0, 0, 0), i, n, (8, 8), torch.device("cpu"))
+             for i, n in enumerate(sizes)]  # fmt: skip
+    assert len(made) == 2  # one block per batch size, not one per batch
+    for i, (plan, n) in enumerate(zip(plans, sizes, strict=True)):  # as drawn with no history
+        alone = Mixup(0.8, num_classes=4, **options)._plans.plan(
+            (0, 0, 0), i, n, (8, 8), torch.device("cpu")
+        )
+        assert np.array_equal(plan.perm, alone.perm) and np.array_equal(plan.lam, alone.lam)
+
+
+def test_settings_changed_after_construction_are_used(tmp_path):
+    mix = Mixup(0.4, label_smoothing=0.1)  # num_classes given later, e.g. from the data
+    mix.num_classes = 4
+    model = ConvNet()
+    fit(tmp_path, model, [mix], max_epochs=1)
+    targets = model.seen["train"][0][2]
+    assert targets.shape == (16, 4) and float(targets.min()) >= 0.1 / 4 - 1e-6
 
 
 def test_two_transforms_are_refused(tmp_path):

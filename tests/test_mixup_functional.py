@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from lightning_reg.label_smoothing import smooth_targets
+from lightning_reg.label_smoothing import smooth_targets, smoothed_rows
 from lightning_reg.mixup import MixPlan, _boxes, draw_mix_plan, mix_inputs, mixup_batch
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -386,19 +386,25 @@ def test_smoothing_without_mixing_is_exact(eps: float):
     torch.testing.assert_close(smooth_targets(y, c, eps).double(), expected, atol=1e-7, rtol=0)
 
 
-@pytest.mark.parametrize("c", [3, 1024, 1025])  # cached class table up to 1024, scatter beyond
+@pytest.mark.parametrize("c", [3, 1024])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_smooth_targets_table_and_scatter_paths_agree(c: int, dtype: torch.dtype):
+def test_a_plan_with_a_class_table_gives_the_same_targets(c: int, dtype: torch.dtype):
     y = torch.tensor([0, c - 1, 1, 0])
     torch.set_default_dtype(dtype)  # soft rows take the default dtype, as torch.full does
     try:
-        out = smooth_targets(y, c, 0.2)
+        rows = smoothed_rows(c, 0.2, torch.device("cpu"))
+        plain = MixPlan.identity(4, c, 0.2)
+        tabled = MixPlan.identity(4, c, 0.2)
+        tabled.class_rows = rows
+        expected = plain.targets(y)
+        out = tabled.targets(y)
     finally:
         torch.set_default_dtype(torch.float32)
-    expected = torch.full((4, c), 0.2 / c, dtype=dtype).scatter_(1, y[:, None], 0.8 + 0.2 / c)
     assert out.dtype == dtype and torch.equal(out, expected)
-    out[0, 0] = -1.0  # the result is a new tensor: the cached table is unchanged
-    assert torch.equal(smooth_targets(y, c, 0.2), expected.float())
+    out[0, 0] = -1.0  # the result is a new tensor: the table is unchanged
+    assert torch.equal(tabled.targets(y), expected)
+    with pytest.raises(ValueError, match=r"\[0, \d+\).*num_classes"):
+        tabled.targets(torch.tensor([0, c]))
 
 
 def test_smooth_targets_docstring_values():
