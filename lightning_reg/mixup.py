@@ -481,16 +481,18 @@ _BLOCK_ELEMENTS = 1 << 18  # at most this many permutation entries per block
 
 
 class _Block:
-    """The plans of one block of batch positions: its generator and what was drawn from it."""
+    """The plans of one block of batch positions: its generator, settings and what was drawn."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: np.random.Generator, num_classes: int | None, smoothing: float) -> None:
         self.rng = rng
+        self.num_classes, self.smoothing = num_classes, smoothing
         self.drawn = 0  # plans drawn one by one so far
         self.perms: np.ndarray | None = None  # whole-block draws: (rows, n) permutations
         self.lams: list[np.ndarray] = []
-        self.partners: list[Tensor] = []
-        self.device: torch.device | None = None
         self.no_cut = np.zeros(0, dtype=bool)
+        self.device: torch.device | None = None  # where partners and class_rows are
+        self.partners: list[Tensor] = []
+        self.class_rows: Tensor | None = None
 
 
 class _PlanSource:
@@ -503,18 +505,20 @@ class _PlanSource:
     a block's coefficients and permutations are drawn in two NumPy calls and its permutations
     reach the device in one copy, so a batch costs a few list look-ups; otherwise the block's
     plans are drawn one by one with :func:`draw_mix_plan`. The last few blocks are kept, so
-    batches of alternating sizes do not redraw them. Settings are read from the callback at
-    each block, so changing them between fits (``mix.num_classes = ...``) takes effect.
+    batches of alternating sizes do not redraw them. The callback's settings are read when a
+    block is made, so changing them (``mix.num_classes = ...``) takes effect at the next block.
     """
 
     def __init__(self, owner: Mixup) -> None:
         self.owner = owner
+        self._whole: bool | None = None  # whether whole blocks are drawn (set at first use)
         self._blocks: OrderedDict[tuple[Any, ...], _Block] = OrderedDict()
         self._rows_key: tuple[Any, ...] | None = None
         self._rows: Tensor | None = None
 
     def clear(self) -> None:
         """Drop the kept blocks and tables (device tensors included)."""
+        self._whole = None
         self._blocks.clear()
         self._rows_key, self._rows = None, None
 
@@ -533,43 +537,46 @@ class _PlanSource:
         device: torch.device,
     ) -> MixPlan:
         """The plan of the batch at ``position`` in the epoch, ``n`` samples, on ``device``."""
-        options, owner = self.owner.options, self.owner
-        whole = (
-            options["mode"] == "batch" and options["prob"] >= 1.0
-            and options["cutmix_alpha"] == 0 and options["cutmix_minmax"] is None
-        )  # fmt: skip
+        whole = self._whole
+        if whole is None:
+            options = self.owner.options
+            whole = self._whole = (
+                options["mode"] == "batch" and options["prob"] >= 1.0
+                and options["cutmix_alpha"] == 0 and options["cutmix_minmax"] is None
+            )  # fmt: skip
         rows = max(1, min(BLOCK_BATCHES, _BLOCK_ELEMENTS // max(n, 1)))
         index, row = divmod(position, rows)
-        key = (*epoch_key, index, n, whole, None if whole else image_size)
+        key = (*epoch_key, index, n, None if whole else image_size)
         block = self._blocks.get(key)
         if block is None or (not whole and row < block.drawn):  # new, or going back: afresh
-            block = self._blocks[key] = _Block(np.random.default_rng([*epoch_key, index, n]))
+            block = self._blocks[key] = _Block(
+                np.random.default_rng([*epoch_key, index, n]),
+                self.owner.num_classes, self.owner.label_smoothing,
+            )  # fmt: skip
             if whole:
                 self._draw_block(block, rows, n)
             while len(self._blocks) > _KEPT_BLOCKS:
                 self._blocks.popitem(last=False)
-        if not whole:
-            for _ in range(block.drawn, row):  # replay the block's earlier draws after a resume
-                self._draw(block.rng, n, image_size)
-            block.drawn = row + 1
-            plan = self._draw(block.rng, n, image_size)
-        else:
-            if device != block.device:
-                _move_partners(block, device)
-            plan = MixPlan(
+        if device != block.device:
+            self._place(block, device)
+        if whole:
+            return MixPlan(
                 perm=block.perms[row], lam=block.lams[row], boxes=None,  # type: ignore[index]
-                cut=block.no_cut, shared=True, num_classes=owner.num_classes,
-                smoothing=owner.label_smoothing, partners=block.partners[row],
+                cut=block.no_cut, shared=True, num_classes=block.num_classes,
+                smoothing=block.smoothing, partners=block.partners[row],
+                class_rows=block.class_rows,
             )  # fmt: skip
-        plan.class_rows = self._class_rows(device)
+        for _ in range(block.drawn, row):  # replay the block's earlier draws after a resume
+            self._draw(block, n, image_size)
+        block.drawn = row + 1
+        plan = self._draw(block, n, image_size)
+        plan.class_rows = block.class_rows
         return plan
 
-    def _draw(
-        self, rng: np.random.Generator, n: int, image_size: tuple[int, int] | None
-    ) -> MixPlan:
+    def _draw(self, block: _Block, n: int, image_size: tuple[int, int] | None) -> MixPlan:
         return draw_mix_plan(
-            n, rng, image_size=image_size, num_classes=self.owner.num_classes,
-            smoothing=self.owner.label_smoothing, **self.owner.options,
+            n, block.rng, image_size=image_size, num_classes=block.num_classes,
+            smoothing=block.smoothing, **self.owner.options,
         )  # fmt: skip
 
     def _draw_block(self, block: _Block, rows: int, n: int) -> None:
@@ -580,9 +587,20 @@ class _PlanSource:
         block.lams = list(np.repeat(lam[:, None], n, axis=1))
         block.no_cut = np.zeros(n, dtype=bool)
 
-    def _class_rows(self, device: torch.device) -> Tensor | None:
-        """The callback's table of smoothed one-hot rows on ``device`` (one kept at a time)."""
-        classes, smoothing = self.owner.num_classes, self.owner.label_smoothing
+    def _place(self, block: _Block, device: torch.device) -> None:
+        """Put the block's partners and class table on ``device`` (pinned, non-blocking on CUDA)."""
+        if block.perms is not None:
+            perms = torch.from_numpy(block.perms)
+            if device.type == "cuda":
+                perms = perms.pin_memory()
+            block.partners = list(perms.to(device, non_blocking=True).unbind(0))
+        block.class_rows = self._class_rows(block.num_classes, block.smoothing, device)
+        block.device = device
+
+    def _class_rows(
+        self, classes: int | None, smoothing: float, device: torch.device
+    ) -> Tensor | None:
+        """A table of smoothed one-hot rows on ``device`` (the last one made is kept)."""
         if classes is None or classes > _TABLE_CLASSES:
             return None
         key = (classes, smoothing, device, torch.get_default_dtype())
@@ -595,15 +613,6 @@ class _PlanSource:
 
 _KEPT_BLOCKS = 4  # blocks kept per callback (batches of alternating sizes use two)
 _TABLE_CLASSES = 1024  # a table of smoothed rows holds at most 1024 x 1024 values
-
-
-def _move_partners(block: _Block, device: torch.device) -> None:
-    """Copy the block's permutations to ``device`` at once (pinned, non-blocking on CUDA)."""
-    perms = torch.from_numpy(block.perms)
-    if device.type == "cuda":
-        perms = perms.pin_memory()
-    block.partners = list(perms.to(device, non_blocking=True).unbind(0))
-    block.device = device
 
 
 def _validate(
