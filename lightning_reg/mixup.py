@@ -155,7 +155,7 @@ def draw_mix_plan(
     if mixup_alpha < 0 or cutmix_alpha < 0:
         raise ValueError(f"alphas must be >= 0, got mixup {mixup_alpha}, cutmix {cutmix_alpha}.")
     use_cutmix_kind = cutmix_alpha > 0 or cutmix_minmax is not None
-    if mode == "batch" and not use_cutmix_kind and prob >= 1.0:  # the common case, kept cheap
+    if _mixup_every_batch(mode, prob, cutmix_alpha, cutmix_minmax):  # the common case, kept cheap
         lam_value = rng.beta(mixup_alpha, mixup_alpha)
         return MixPlan(
             perm=rng.permutation(n), lam=np.full(n, lam_value, dtype=np.float32), boxes=None,
@@ -193,6 +193,13 @@ def draw_mix_plan(
         num_classes=num_classes,
         smoothing=smoothing,
     )
+
+
+def _mixup_every_batch(
+    mode: str, prob: float, cutmix_alpha: float, cutmix_minmax: tuple[float, float] | None
+) -> bool:
+    """Batch mode, mixup only, every batch mixed: one coefficient and permutation per batch."""
+    return mode == "batch" and prob >= 1.0 and cutmix_alpha <= 0 and cutmix_minmax is None
 
 
 def _boxes(
@@ -540,10 +547,9 @@ class _PlanSource:
         whole = self._whole
         if whole is None:
             options = self.owner.options
-            whole = self._whole = (
-                options["mode"] == "batch" and options["prob"] >= 1.0
-                and options["cutmix_alpha"] == 0 and options["cutmix_minmax"] is None
-            )  # fmt: skip
+            whole = self._whole = _mixup_every_batch(
+                options["mode"], options["prob"], options["cutmix_alpha"], options["cutmix_minmax"]
+            )
         rows = max(1, min(BLOCK_BATCHES, _BLOCK_ELEMENTS // max(n, 1)))
         index, row = divmod(position, rows)
         key = (*epoch_key, index, n, None if whole else image_size)
