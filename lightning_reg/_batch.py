@@ -12,10 +12,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_reg._utils import SkipsIdleStepHooks, trainer_callbacks
+from lightning_reg._utils import trainer_callbacks
 
 InputsTargets = tuple[Tensor, Tensor]
 GetBatch = Callable[[Any], InputsTargets]
@@ -130,7 +131,7 @@ def _layout_error(batch: Any) -> str:
     )
 
 
-class TrainBatchTransform(SkipsIdleStepHooks):
+class TrainBatchTransform(Callback):
     """Base class: transforms training batches in ``on_after_batch_transfer`` during ``fit``."""
 
     def __init__(self, adapter: BatchAdapter) -> None:

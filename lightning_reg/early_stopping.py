@@ -28,12 +28,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_reg._snapshot import SNAPSHOT_LOCATIONS, SnapshotLocation, StateSnapshot
-from lightning_reg._utils import SkipsIdleStepHooks, trainer_callbacks
+from lightning_reg._utils import trainer_callbacks
 
 __all__ = ["EarlyStopping"]
 
 
-class EarlyStopping(SkipsIdleStepHooks, _LightningEarlyStopping):
+class EarlyStopping(_LightningEarlyStopping):
     r"""Lightning's ``EarlyStopping`` that also restores the best weights when training ends.
 
     Same name, arguments, defaults and stopping behaviour as

@@ -19,13 +19,13 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from typing_extensions import override
 
 from lightning_reg._eval_pass import evaluate_like_validation
-from lightning_reg._utils import SkipsIdleStepHooks
 from lightning_reg.tensorboard import (
     gap_layout,
     log_scalars,
@@ -131,7 +131,7 @@ def diagnose(
     return "healthy"
 
 
-class GeneralizationGapMonitor(SkipsIdleStepHooks):
+class GeneralizationGapMonitor(Callback):
     """Log the honest train/val gap after every validation, its trend, and a diagnosis.
 
     After each (non-sanity) validation, your own ``validation_step`` runs on a fixed, seeded subset

@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -26,7 +27,6 @@ from torchmetrics.aggregation import SumMetric
 from typing_extensions import override
 
 from lightning_reg._snapshot import _local
-from lightning_reg._utils import SkipsIdleStepHooks
 from lightning_reg.tensorboard import tensorboard_writer
 
 __all__ = ["RegularizationMonitor", "decay_metrics", "weight_statistics"]
@@ -35,7 +35,7 @@ __all__ = ["RegularizationMonitor", "decay_metrics", "weight_statistics"]
 _WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 
-class RegularizationMonitor(SkipsIdleStepHooks):
+class RegularizationMonitor(Callback):
     r"""Logs weight norms, sparsity and effective weight decay at the end of every training epoch.
 
     Nothing runs per step: at each training-epoch end the statistics are built as device tensors

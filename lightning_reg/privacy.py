@@ -25,6 +25,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
@@ -32,7 +33,6 @@ from torchmetrics.classification import BinaryROC
 from typing_extensions import override
 
 from lightning_reg._batch import BatchAdapter
-from lightning_reg._utils import SkipsIdleStepHooks
 from lightning_reg.tensorboard import log_scalars
 
 __all__ = ["MembershipInferenceAudit", "attack_metrics", "loss_attack_metrics"]
@@ -73,7 +73,7 @@ def loss_attack_metrics(member_losses: Tensor, nonmember_losses: Tensor) -> dict
     return attack_metrics(fpr, tpr, len(nonmember_losses))
 
 
-class MembershipInferenceAudit(SkipsIdleStepHooks):
+class MembershipInferenceAudit(Callback):
     """Log how well a loss-threshold attack tells training samples from validation samples.
 
     After each (non-sanity) validation of ``fit`` (or every ``every_n_evals``), the per-sample

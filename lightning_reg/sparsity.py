@@ -21,11 +21,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_reg._snapshot import _local
-from lightning_reg._utils import SkipsIdleStepHooks, trainer_callbacks
+from lightning_reg._utils import trainer_callbacks
 from lightning_reg.weight_decay import split_parameters
 
 __all__ = ["ProximalSparsity", "prox_elastic_net", "prox_group_lasso", "prox_l1"]
@@ -69,7 +70,7 @@ def prox_group_lasso(w: Tensor, threshold: float, group_dim: int = 0) -> Tensor:
     return w * scale
 
 
-class ProximalSparsity(SkipsIdleStepHooks):
+class ProximalSparsity(Callback):
     """Sparsity by proximal steps: L1, elastic net or group lasso, applied after each step.
 
     After every optimizer step (gradient accumulation respected: only when ``global_step``

@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -31,7 +32,7 @@ from lightning_reg._optim import (
     split_groups,
     walk_optimizer_config,
 )
-from lightning_reg._utils import SkipsIdleStepHooks, trainer_callbacks
+from lightning_reg._utils import trainer_callbacks
 
 __all__ = [
     "WeightDecayExclusion",
@@ -280,7 +281,7 @@ def coupled_weight_decay_warning(optimizer: torch.optim.Optimizer) -> str | None
     )
 
 
-class WeightDecayExclusion(SkipsIdleStepHooks):
+class WeightDecayExclusion(Callback):
     """Apply the decay/no-decay split to the optimizers your ``configure_optimizers`` builds.
 
     Your ``configure_optimizers`` stays as it is (for example ``AdamW(self.parameters(),

@@ -12,7 +12,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.profilers import SimpleProfiler
 
 from lightning_reg import (
     EarlyStopping,
@@ -24,7 +23,6 @@ from lightning_reg import (
     RegularizationMonitor,
     WeightDecayExclusion,
 )
-from lightning_reg._utils import PER_STEP_HOOKS
 from tests.helpers import (
     BlobsDataModule,
     CountScalarReads,
@@ -142,23 +140,6 @@ def test_callbacks_pickle_before_and_after_fit(tmp_path, case):
     restored = pickle.loads(pickle.dumps(callbacks))
     assert [type(cb) for cb in restored] == [type(cb) for cb in callbacks]
     pickle.loads(pickle.dumps(model))  # no wrapper left on the module
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_lightning_dispatches_only_the_per_step_hooks_a_callback_implements(tmp_path, case):
-    callbacks = build(case)
-    profiler = SimpleProfiler()
-    model, dm = model_and_data()
-    trainer = pl.Trainer(**trainer_kwargs(
-        tmp_path, callbacks=callbacks, max_epochs=1, profiler=profiler,
-    ))  # fmt: skip
-    trainer.fit(model, datamodule=dm)
-    for callback in callbacks:
-        for hook in PER_STEP_HOOKS:
-            implemented = getattr(type(callback), hook) is not getattr(pl.Callback, hook)
-            dispatched = f"[Callback]{callback.state_key}.{hook}" in profiler.recorded_durations
-            assert dispatched == implemented, (callback.state_key, hook)
-            assert hook not in vars(callback)  # the shadowing ends with the fit
 
 
 class _RankWeights(pl.Callback):
