@@ -3,11 +3,13 @@
 Add the callbacks to ``Trainer(callbacks=[...])``; your LightningModule stays as it is.
 """
 
+from lightning_reg._batch import BatchAdapter
 from lightning_reg.early_stopping import EarlyStopping
 from lightning_reg.gap import GeneralizationGapMonitor
-from lightning_reg.label_smoothing import LabelSmoothing, smooth_targets
+from lightning_reg.label_smoothing import LabelSmoothing
 from lightning_reg.mixin import RegularizedModule
-from lightning_reg.mixup import MixPlan, Mixup, draw_mix_plan, mix_inputs, mixup_batch
+from lightning_reg.mixing import MixPlan, draw_mix_plan, mix_inputs, mixup_batch, smooth_targets
+from lightning_reg.mixup import Mixup
 from lightning_reg.monitor import RegularizationMonitor, decay_metrics, weight_statistics
 from lightning_reg.privacy import MembershipInferenceAudit, loss_attack_metrics
 from lightning_reg.sparsity import ProximalSparsity, prox_elastic_net, prox_group_lasso, prox_l1
@@ -22,6 +24,7 @@ from lightning_reg.weight_decay import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchAdapter",
     "EarlyStopping",
     "GeneralizationGapMonitor",
     "LabelSmoothing",

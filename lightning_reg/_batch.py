@@ -1,43 +1,51 @@
-"""Find and replace inputs and targets in any batch, and transform training batches only.
+"""Find inputs and targets in a batch, change them in place, and transform training batches only.
 
-A training batch is transformed in the LightningModule's (or DataModule's)
-``on_after_batch_transfer`` hook, wrapped by the callback for the duration of ``fit``: the batch is
-already on the device, any batch type can be replaced (tuples and named tuples included), and
-validation, test and predict batches pass untouched.
+A training batch is transformed in the callback hook ``on_train_batch_start``: Lightning calls it
+after the batch is on the device and after the module's (or DataModule's)
+``on_after_batch_transfer``, and passes the same object on to ``training_step`` and
+``on_train_batch_end``. The batch is therefore changed in place: the inputs and targets entries
+of a list or dict are replaced (the targets change shape, ``(N,)`` to ``(N, C)``, so the entry
+is replaced rather than the tensor written over). A tuple or another immutable batch is refused
+with an error naming the fix. Validation, test and predict batches never reach this hook.
+Nothing is set on the user's module or datamodule: the current plan stays on the callback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, MutableSequence, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_reg._utils import trainer_callbacks
+from lightning_reg.mixing import MixPlan
+
+__all__ = ["BatchAdapter", "TrainBatchTransform"]
 
 InputsTargets = tuple[Tensor, Tensor]
 GetBatch = Callable[[Any], InputsTargets]
-SetBatch = Callable[[Any, Tensor, Tensor], Any]
-
-PLAN_ATTRIBUTE = "_lightning_reg_mix_plan"  # where the current batch's plan is published
+SetBatch = Callable[[Any, Tensor, Tensor], None]
 
 INPUT_KEYS = ("input", "inputs", "x", "image", "images", "img", "pixel_values", "features", "data")
 TARGET_KEYS = ("target", "targets", "y", "label", "labels", "class", "cls")
 
 
 class BatchAdapter:
-    """Reads ``(inputs, targets)`` from a batch and builds a new batch with them replaced.
+    """Reads ``(inputs, targets)`` from a batch and puts new ones back in the same batch object.
 
     Args:
-        input_key: index (sequences) or key (mappings) of the inputs; by default index 0 or the
-            first of :data:`INPUT_KEYS` present.
+        input_key: index (lists) or key (dicts) of the inputs; by default index 0 or the first
+            of ``INPUT_KEYS`` present (``"input"``, ``"x"``, ``"image"``, ``"pixel_values"``...).
         target_key: the same for the targets; by default index 1 or the first of
-            :data:`TARGET_KEYS` present.
+            ``TARGET_KEYS`` present (``"target"``, ``"y"``, ``"label"``, ``"labels"``...).
         get_batch: a function ``batch -> (inputs, targets)`` for other layouts.
-        set_batch: a function ``(batch, inputs, targets) -> new batch``; needed with ``get_batch``.
+        set_batch: a function ``(batch, inputs, targets) -> None`` that changes ``batch`` in
+            place (Lightning hands that same object to ``training_step``); needed with
+            ``get_batch``. Returning the batch itself is accepted; returning a new batch is not.
 
     Raises:
         ValueError: if only one of ``get_batch``/``set_batch`` is given.
@@ -45,10 +53,10 @@ class BatchAdapter:
     Example:
         >>> import torch
         >>> adapter = BatchAdapter()
-        >>> batch = {"image": torch.zeros(2, 3), "label": torch.tensor([0, 1])}
-        >>> new = adapter.replace(batch, torch.ones(2, 3), torch.ones(2, 4))
-        >>> sorted(new), new["label"].shape, batch["label"].shape
-        (['image', 'label'], torch.Size([2, 4]), torch.Size([2]))
+        >>> batch = {"pixel_values": torch.zeros(2, 3), "labels": torch.tensor([0, 1])}
+        >>> adapter.put(batch, torch.ones(2, 3), torch.ones(2, 4))
+        >>> sorted(batch), batch["labels"].shape
+        (['labels', 'pixel_values'], torch.Size([2, 4]))
     """
 
     def __init__(
@@ -70,29 +78,24 @@ class BatchAdapter:
         i, t = keys or self.keys(batch)
         return batch[i], batch[t]
 
-    def replace(
+    def put(
         self, batch: Any, inputs: Tensor, targets: Tensor, keys: tuple[Any, Any] | None = None
-    ) -> Any:
-        """A new batch of the same type with ``inputs`` and ``targets`` replaced.
+    ) -> None:
+        """Replace the inputs and targets entries of ``batch`` in place.
 
-        The old batch is left as it was. ``keys`` (from :meth:`keys`) saves looking them up again.
+        Raises:
+            TypeError: if ``batch`` cannot be changed in place (a tuple, a named tuple, another
+                immutable object) or ``set_batch`` returned a new batch.
         """
         if self.set_batch is not None:
-            return self.set_batch(batch, inputs, targets)
+            returned = self.set_batch(batch, inputs, targets)
+            if returned is not None and returned is not batch:
+                raise TypeError(_new_batch_error(type(returned).__name__))
+            return
+        if not isinstance(batch, MutableMapping | MutableSequence):
+            raise TypeError(_immutable_error(batch))
         i, t = keys or self.keys(batch)
-        if isinstance(batch, Mapping):
-            new = dict(batch)
-            new[i], new[t] = inputs, targets
-            try:
-                return type(batch)(new)  # type: ignore[call-arg]  # keep dict subclasses
-            except TypeError:
-                return new
-        items = list(batch)
-        items[int(i)], items[int(t)] = inputs, targets
-        if isinstance(batch, tuple):
-            fields = getattr(batch, "_fields", None)  # named tuple
-            return type(batch)(*items) if fields is not None else tuple(items)
-        return items
+        batch[i], batch[t] = inputs, targets
 
     def keys(self, batch: Any) -> tuple[Any, Any]:
         """The index or key of the inputs and of the targets in ``batch``.
@@ -117,33 +120,77 @@ def _first(batch: Mapping[str, Any], names: Sequence[str]) -> str | None:
     return next((name for name in names if name in batch), None)
 
 
-def _layout_error(batch: Any) -> str:
+def _describe(batch: Any) -> str:
     if isinstance(batch, Mapping):
-        what = f"a {type(batch).__name__} with keys {list(batch)}"
-    elif isinstance(batch, Sequence):
-        what = f"a {type(batch).__name__} of length {len(batch)}"
-    else:
-        what = f"a {type(batch).__name__}"
+        return f"a {type(batch).__name__} with keys {list(batch)}"
+    if isinstance(batch, Sequence):
+        return f"a {type(batch).__name__} of length {len(batch)}"
+    return f"a {type(batch).__name__}"
+
+
+def _layout_error(batch: Any) -> str:
     return (
-        f"Could not find inputs and targets in the training batch ({what}). Pass "
-        "`input_key=` and `target_key=` (an index for lists/tuples, a key for dicts), or "
+        f"Could not find inputs and targets in the training batch ({_describe(batch)}). Pass "
+        "`input_key=` and `target_key=` (an index for lists, a key for dicts), or "
         "`get_batch=` and `set_batch=` functions for other layouts."
     )
 
 
+_IN_PLACE = (
+    "The training batch is changed in place in `on_train_batch_start`, because Lightning hands "
+    "that same object on to `training_step`."
+)
+
+
+def _immutable_error(batch: Any) -> str:
+    return (
+        f"{_IN_PLACE} This batch is {_describe(batch)}, which cannot be changed in place. Return "
+        "a list or a dict from the DataLoader's `collate_fn` (torch's default collate already "
+        "turns a tuple of samples into a list), or pass `get_batch=` and `set_batch=`, where "
+        "`set_batch(batch, inputs, targets)` changes the batch in place."
+    )
+
+
+def _new_batch_error(kind: str) -> str:
+    return (
+        f"`set_batch` returned a new batch (a {kind}). {_IN_PLACE} `set_batch(batch, inputs, "
+        "targets)` must change `batch` in place and return None: e.g. `batch['x'], batch['y'] "
+        "= inputs, targets`."
+    )
+
+
 class TrainBatchTransform(Callback):
-    """Base class: transforms training batches in ``on_after_batch_transfer`` during ``fit``."""
+    """Base class: transforms each training batch, in place, in ``on_train_batch_start``.
+
+    Subclasses implement :meth:`transform` and may set ``self._plan`` for
+    ``RegularizedModule.cross_entropy`` (read through :attr:`current_plan`); they reset their
+    run state in :meth:`reset`, called at the start of every fit.
+    """
+
+    num_classes: int | None
 
     def __init__(self, adapter: BatchAdapter) -> None:
         self.adapter = adapter
-        self._wrapped: list[Any] = []
-        self._module: pl.LightningModule | None = None
+        self._plan: MixPlan | None = None
+        self._columns: int | None = None  # columns of the soft targets of the last batch
+
+    @property
+    def current_plan(self) -> MixPlan | None:
+        """The plan of the training batch being trained on; ``None`` between epochs and fits."""
+        return self._plan
 
     def transform(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor, targets: Tensor
     ) -> InputsTargets:
         """Return the new ``(inputs, targets)`` of a training batch."""
         raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the previous fit.
+
+        Called in ``setup(stage="fit")``, before a resumed fit loads its checkpoint state.
+        """
+        self._plan, self._columns = None, None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -159,63 +206,101 @@ class TrainBatchTransform(Callback):
                 f"Several training-batch transforms are attached ({names}); their targets would "
                 "be transformed twice. Use one: Mixup takes `label_smoothing=` itself."
             )
-        self._module = pl_module
-        datamodule = getattr(trainer, "datamodule", None)
-        # Lightning calls the DataModule's hook instead of the module's when it overrides it
-        hosts = [pl_module] if datamodule is None else [pl_module, datamodule]
-        for host in hosts:
-            hook = host.__dict__.get("on_after_batch_transfer")
-            if isinstance(hook, _TransformingHook):  # left by a fit that raised: unwrap it
-                del host.on_after_batch_transfer
-            host.on_after_batch_transfer = _TransformingHook(  # type: ignore[method-assign]
-                host.on_after_batch_transfer, self, trainer, pl_module
+        self.reset()
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        adapter = self.adapter
+        keys = None if adapter.get_batch is not None else adapter.keys(batch)  # looked up once
+        inputs, targets = adapter.split(batch, keys)
+        self._check(inputs, targets)
+        new_inputs, new_targets = self.transform(trainer, pl_module, inputs, targets)
+        if new_inputs is not inputs or new_targets is not targets:
+            adapter.put(batch, new_inputs, new_targets, keys)
+
+    def _check(self, inputs: Tensor, targets: Tensor) -> None:
+        """Refuse targets that cannot become probability rows (shapes and dtypes only: no sync)."""
+        name, classes = type(self).__name__, self.num_classes
+        if targets.is_floating_point():
+            columns = targets.shape[-1] if targets.ndim == 2 else None
+            if classes is not None and columns is not None and columns != classes:
+                raise ValueError(
+                    f"{name} got soft targets with {columns} columns but num_classes={classes}. "
+                    "Set `num_classes=` to the number of classes of your data and model."
+                )
+        else:
+            if classes is None:
+                raise ValueError(
+                    f"{name} got integer class targets but no `num_classes`; it needs it to "
+                    f"turn them into probability rows: pass `{name}(..., num_classes=C)`."
+                )
+            columns = classes
+        if targets.ndim == 0 or targets.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f"{name} got {tuple(inputs.shape)} inputs and {tuple(targets.shape)} targets; "
+                "it needs one target per sample. Check `input_key=`/`target_key=`."
             )
-            self._wrapped.append(host)
+        self._columns = columns
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._plan = None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        self._unwrap()
+        if stage == "fit":
+            self._plan = None
 
     @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         super().on_exception(trainer, pl_module, exception)
-        self._unwrap()  # Lightning does not call `teardown` after an exception
+        self._plan = None  # Lightning does not call `teardown` after an exception
+        note = self._explain(exception)
+        if note is not None:
+            if hasattr(exception, "add_note"):  # Python >= 3.11
+                exception.add_note(note)
+            else:
+                rank_zero_warn(note)
 
-    def _unwrap(self) -> None:
-        """Take the hook wrappers off and withdraw the last published plan."""
-        for host in self._wrapped:
-            if isinstance(host.__dict__.get("on_after_batch_transfer"), _TransformingHook):
-                del host.on_after_batch_transfer
-        self._wrapped = []
-        if self._module is not None:
-            self._module.__dict__.pop(PLAN_ATTRIBUTE, None)
-            self._module = None
+    def _explain(self, exception: BaseException) -> str | None:
+        """What our soft targets have to do with ``exception``, when it looks like their doing.
+
+        The logits are never seen here (comparing them per step would cost a hook on the model),
+        so a mismatch between ``num_classes`` and the model surfaces in the user's loss; this
+        names the likely cause after the fact, at no cost per step.
+        """
+        columns = self._columns
+        if columns is None or not isinstance(exception, RuntimeError | ValueError | IndexError):
+            return None
+        message, name = str(exception), type(self).__name__
+        if any(part in message for part in _SHAPE_MESSAGES):
+            return (
+                f"lightning-reg: {name} replaced the training targets with probability rows of "
+                f"shape (N, {columns}) (num_classes={columns}). If the model outputs another "
+                "number of classes, set `num_classes=` to it; if the loss needs class indices, "
+                "pass `keep_targets=True` and use `RegularizedModule.cross_entropy`."
+            )
+        if any(part in message for part in _INDEX_MESSAGES):
+            return (
+                f"lightning-reg: {name} turns class indices into rows of num_classes={columns} "
+                f"columns; a label outside [0, {columns}) gives this error on the device. Set "
+                "`num_classes=` to the number of classes of your data and model."
+            )
+        return None
 
 
-class _TransformingHook:
-    """Calls the user's ``on_after_batch_transfer``, then transforms training batches."""
-
-    def __init__(
-        self,
-        original: Callable[[Any, int], Any],
-        callback: TrainBatchTransform,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-    ) -> None:
-        self.original, self.callback = original, callback
-        self.trainer, self.pl_module = trainer, pl_module
-        self.__wrapped__ = original  # Lightning's `is_overridden` looks through wrappers
-
-    def __call__(self, batch: Any, dataloader_idx: int = 0) -> Any:
-        batch = self.original(batch, dataloader_idx)
-        trainer = self.trainer
-        if not trainer.training:  # validation, sanity checking, test, predict
-            return batch
-        adapter = self.callback.adapter
-        keys = None if adapter.get_batch is not None else adapter.keys(batch)  # looked up once
-        inputs, targets = adapter.split(batch, keys)
-        inputs, targets = self.callback.transform(trainer, self.pl_module, inputs, targets)
-        return adapter.replace(batch, inputs, targets, keys)
+# what PyTorch's losses say when given probability rows of the wrong width
+_SHAPE_MESSAGES = (
+    "multi-target not supported",
+    "target size",
+    "different to the input size",
+    "must match the size",
+    "Expected input batch_size",
+)
+# what an out-of-range class index gives on CUDA (asynchronously) or in an index op
+_INDEX_MESSAGES = ("device-side assert", "out of bounds", "index out of range")

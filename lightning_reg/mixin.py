@@ -7,7 +7,8 @@ from typing import Any, cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_reg.mixup import current_plan
+from lightning_reg._batch import TrainBatchTransform
+from lightning_reg.mixing import MixPlan
 from lightning_reg.weight_decay import param_groups
 
 __all__ = ["RegularizedModule"]
@@ -49,8 +50,10 @@ class RegularizedModule:
 
         With ``Mixup(keep_targets=True)`` or ``LabelSmoothing(keep_targets=True)`` the batch keeps
         its integer targets (for metrics); this loss builds the same soft targets the callback
-        would have put in the batch. Outside training (validation, test) or without such a
-        callback it is plain ``F.cross_entropy(logits, targets)``.
+        would have put in the batch. It finds the callback among ``self.trainer.callbacks`` and
+        asks it for its ``current_plan``; nothing is stored on the module. Outside training
+        (validation, test) or without such a callback it is plain
+        ``F.cross_entropy(logits, targets)``.
 
         Example:
             >>> import torch
@@ -59,7 +62,19 @@ class RegularizedModule:
             >>> module.cross_entropy(logits, y)  # no callback: plain cross-entropy
             tensor(1.0986)
         """
-        plan = current_plan(cast(nn.Module, self)) if isinstance(self, nn.Module) else None
-        if plan is None or not getattr(self, "training", False):
+        plan = _current_plan(self) if getattr(self, "training", False) else None
+        if plan is None:
             return F.cross_entropy(logits, targets, **kwargs)  # type: ignore[arg-type]
         return F.cross_entropy(logits, plan.targets(targets), **kwargs)  # type: ignore[arg-type]
+
+
+def _current_plan(module: object) -> MixPlan | None:
+    """The plan of the batch being trained on, from the trainer's training-batch transform."""
+    try:
+        trainer = module.trainer  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):  # not a LightningModule, or not attached to a Trainer
+        return None
+    for callback in getattr(trainer, "callbacks", ()):
+        if isinstance(callback, TrainBatchTransform):
+            return callback.current_plan
+    return None

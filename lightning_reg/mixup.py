@@ -9,312 +9,28 @@ Method card:
     label_smoothing=0.1`` (DeiT/timm ImageNet recipe); ``mixup_alpha=0.2`` for small data sets.
     When it hurts: short schedules and small models underfit with it; switch it off for the last
     epochs (``off_epoch``/``off_fraction``) as strong recipes do.
+
+The math (:func:`~lightning_reg.mixing.draw_mix_plan`, :func:`~lightning_reg.mixing.mix_inputs`,
+:func:`~lightning_reg.mixing.mixup_batch`) lives in :mod:`lightning_reg.mixing`; this module is
+the callback that applies it to training batches.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_reg._batch import (
-    PLAN_ATTRIBUTE,
-    BatchAdapter,
-    GetBatch,
-    SetBatch,
-    TrainBatchTransform,
-)
-from lightning_reg.label_smoothing import smooth_targets, smoothed_rows
+from lightning_reg._batch import BatchAdapter, GetBatch, SetBatch, TrainBatchTransform
+from lightning_reg._plan_blocks import PlanSource
+from lightning_reg.mixing import MixMode, MixPlan, draw_mix_plan, mix_inputs, mixup_batch
 
 __all__ = ["MixPlan", "Mixup", "draw_mix_plan", "mix_inputs", "mixup_batch"]
-
-MixMode = Literal["batch", "elem"]
-
-
-@dataclass
-class MixPlan:
-    """The random draws for one batch, made and kept on the host as NumPy arrays.
-
-    Every decision (whether to mix, which path to take) reads these arrays, never a tensor, so
-    applying a plan adds no host-device synchronisation.
-
-    Attributes:
-        perm: partner of each sample, ``(N,)`` int.
-        lam: weight of each sample's own content (1 = unmixed), ``(N,)`` float. For CutMix it is
-            the fraction of the image left unpasted.
-        boxes: CutMix rectangles ``(N, 4)`` as ``(y0, y1, x0, x1)``; rows of zeros where a sample
-            is not cut. ``None`` when no sample of the batch is cut.
-        cut: which samples are CutMix samples, ``(N,)`` bool (their pixels are pasted, never
-            blended, even when their box is empty).
-        shared: whether all samples share one decision, coefficient and box (batch mode).
-        num_classes: number of classes of integer targets (``None`` for soft targets only).
-        smoothing: label smoothing fused into the targets.
-        partners: ``perm`` as a tensor, kept once made (on the device of the last batch the plan
-            was applied to), so the inputs and the targets share one copy.
-        class_rows: a table of smoothed one-hot rows (``smoothed_rows``) for integer targets,
-            when the caller keeps one; otherwise the rows are built per batch.
-    """
-
-    perm: np.ndarray
-    lam: np.ndarray
-    boxes: np.ndarray | None
-    cut: np.ndarray
-    shared: bool
-    num_classes: int | None
-    smoothing: float
-    partners: Tensor | None = field(default=None, repr=False, compare=False)
-    class_rows: Tensor | None = field(default=None, repr=False, compare=False)
-
-    @classmethod
-    def identity(cls, n: int, num_classes: int | None, smoothing: float) -> MixPlan:
-        """A plan that mixes nothing (smoothing only)."""
-        no = np.zeros(n, dtype=bool)
-        return cls(np.arange(n), np.ones(n, np.float32), None, no, True, num_classes, smoothing)
-
-    @property
-    def mixes(self) -> bool:
-        """Whether any sample is mixed."""
-        if self.shared:  # per-call overhead matters on the batch-mode hot path
-            return bool(self.lam[0] < 1 or self.cut[0])
-        return self.boxes is not None or bool((self.lam < 1).any())
-
-    def partner_index(self, device: torch.device) -> Tensor:
-        """``perm`` as an int64 tensor on ``device`` (made once, then reused)."""
-        partners = self.partners
-        if partners is None or partners.device != device:
-            partners = self.partners = _to(self.perm, device)
-        return partners
-
-    def targets(self, targets: Tensor) -> Tensor:
-        """Soft targets for this plan: smoothed, then mixed with the same partners and weights."""
-        if not targets.is_floating_point() and self.num_classes is None:
-            raise ValueError(
-                "Integer class targets need `num_classes=` to become probability rows; pass it "
-                "to the callback."
-            )
-        soft = self._smooth(targets)
-        if not self.mixes:
-            return soft
-        partner = soft.index_select(0, self.partner_index(soft.device))
-        if self.shared:
-            return partner.lerp_(soft, float(self.lam[0]))  # in place: one allocation
-        return partner.lerp_(soft, _to(self.lam, soft.device, soft.dtype).unsqueeze(1))
-
-    def _smooth(self, targets: Tensor) -> Tensor:
-        rows = self.class_rows
-        if rows is None or targets.is_floating_point() or targets.ndim != 1:
-            return smooth_targets(targets, self.num_classes or 0, self.smoothing)
-        if rows.device != targets.device:
-            rows = rows.to(targets.device)
-        try:
-            return rows.index_select(0, targets)
-        except (IndexError, RuntimeError) as error:  # CPU checks the range; CUDA asserts
-            raise ValueError(
-                f"Class targets must lie in [0, {rows.shape[0]}) for num_classes="
-                f"{rows.shape[0]}: {error}. Check `num_classes=`."
-            ) from error
-
-
-def _to(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
-    return torch.from_numpy(array).to(device, dtype, non_blocking=True)
-
-
-def draw_mix_plan(
-    n: int,
-    rng: np.random.Generator,
-    *,
-    image_size: tuple[int, int] | None = None,
-    mixup_alpha: float = 1.0,
-    cutmix_alpha: float = 0.0,
-    cutmix_minmax: tuple[float, float] | None = None,
-    prob: float = 1.0,
-    switch_prob: float = 0.5,
-    mode: MixMode = "batch",
-    correct_lam: bool = True,
-    num_classes: int | None = None,
-    smoothing: float = 0.0,
-) -> MixPlan:
-    """Draw partners, coefficients and CutMix boxes for a batch of ``n`` samples.
-
-    ``mode="batch"`` draws one decision and one coefficient for the whole batch; ``"elem"``
-    draws them per sample. CutMix needs ``image_size=(H, W)``.
-
-    Raises:
-        ValueError: for an unknown ``mode``, negative alphas, or CutMix without ``image_size``.
-    """
-    if mode not in ("batch", "elem"):
-        raise ValueError(f"`mode` must be 'batch' or 'elem', got {mode!r}.")
-    if mixup_alpha < 0 or cutmix_alpha < 0:
-        raise ValueError(f"alphas must be >= 0, got mixup {mixup_alpha}, cutmix {cutmix_alpha}.")
-    use_cutmix_kind = cutmix_alpha > 0 or cutmix_minmax is not None
-    if _mixup_every_batch(mode, prob, cutmix_alpha, cutmix_minmax):  # the common case, kept cheap
-        lam_value = rng.beta(mixup_alpha, mixup_alpha)
-        return MixPlan(
-            perm=rng.permutation(n), lam=np.full(n, lam_value, dtype=np.float32), boxes=None,
-            cut=np.zeros(n, dtype=bool), shared=True, num_classes=num_classes,
-            smoothing=smoothing,
-        )  # fmt: skip
-    size = 1 if mode == "batch" else n
-    apply = rng.random(size) < prob
-    cut = (
-        (rng.random(size) < switch_prob) if mixup_alpha > 0 and use_cutmix_kind
-        else np.full(size, use_cutmix_kind)
-    )  # fmt: skip
-    lam = np.ones(size)
-    if mixup_alpha > 0:
-        lam = np.where(~cut, rng.beta(mixup_alpha, mixup_alpha, size), lam)
-    boxes = None
-    if use_cutmix_kind and (apply & cut).any():
-        if image_size is None:
-            raise ValueError("CutMix needs image inputs of shape (N, C, H, W).")
-        cut_lam = rng.beta(cutmix_alpha, cutmix_alpha, size) if cutmix_alpha > 0 else np.ones(size)
-        box, area_lam = _boxes(rng, image_size, cut_lam, cutmix_minmax)
-        lam = np.where(cut, area_lam if correct_lam or cutmix_minmax else cut_lam, lam)
-        boxes = np.where((apply & cut)[:, None], box, 0)
-    lam = np.where(apply, lam, 1.0)
-    cut = apply & cut if boxes is not None else np.zeros(size, dtype=bool)
-    if mode == "batch":
-        lam, cut = np.repeat(lam, n), np.repeat(cut, n)
-        boxes = None if boxes is None else np.repeat(boxes, n, axis=0)
-    return MixPlan(
-        perm=rng.permutation(n),
-        lam=lam.astype(np.float32),
-        boxes=None if boxes is None else boxes.astype(np.int64),
-        cut=cut,
-        shared=mode == "batch",
-        num_classes=num_classes,
-        smoothing=smoothing,
-    )
-
-
-def _mixup_every_batch(
-    mode: str, prob: float, cutmix_alpha: float, cutmix_minmax: tuple[float, float] | None
-) -> bool:
-    """Batch mode, mixup only, every batch mixed: one coefficient and permutation per batch."""
-    return mode == "batch" and prob >= 1.0 and cutmix_alpha <= 0 and cutmix_minmax is None
-
-
-def _boxes(
-    rng: np.random.Generator,
-    image_size: tuple[int, int],
-    lam: np.ndarray,
-    minmax: tuple[float, float] | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """CutMix rectangles ``(y0, y1, x0, x1)`` per draw, and ``1 - pasted area`` after clipping."""
-    h, w = image_size
-    size = lam.shape[0]
-    y0: np.ndarray
-    x0: np.ndarray
-    y1: np.ndarray
-    x1: np.ndarray
-    if minmax is not None:  # box sides drawn uniformly within the bounds; box inside the image
-        cut_h = rng.integers(int(h * minmax[0]), int(h * minmax[1]) + 1, size)
-        cut_w = rng.integers(int(w * minmax[0]), int(w * minmax[1]) + 1, size)
-        y0, x0 = rng.integers(0, h - cut_h + 1), rng.integers(0, w - cut_w + 1)
-        y1, x1 = y0 + cut_h, x0 + cut_w
-    else:  # timm/CutMix paper: side ratio sqrt(1 - lam), centre uniform, box clipped
-        ratio = np.sqrt(1.0 - lam)
-        half_h, half_w = (h * ratio).astype(int) // 2, (w * ratio).astype(int) // 2
-        cy, cx = rng.integers(0, h, size), rng.integers(0, w, size)
-        y0, y1 = np.clip(cy - half_h, 0, h), np.clip(cy + half_h, 0, h)
-        x0, x1 = np.clip(cx - half_w, 0, w), np.clip(cx + half_w, 0, w)
-    area_lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
-    return np.stack([y0, y1, x0, x1], axis=1), area_lam
-
-
-def mix_inputs(x: Tensor, plan: MixPlan) -> Tensor:
-    """Apply ``plan`` to a batch of inputs (a new tensor; ``x`` is left as it was)."""
-    if not plan.mixes:
-        return x
-    if plan.boxes is not None and x.ndim != 4:
-        raise ValueError(f"CutMix needs image inputs of shape (N, C, H, W), got {tuple(x.shape)}.")
-    perm = plan.partner_index(x.device)
-    if plan.shared:
-        if plan.cut[0]:  # one box for the batch: paste the partners' slice
-            y0, y1, x0, x1 = (int(v) for v in plan.boxes[0])  # type: ignore[index]
-            out = x.clone()
-            out[..., y0:y1, x0:x1] = x[..., y0:y1, x0:x1].index_select(0, perm)
-            return out
-        if x.is_floating_point():  # one coefficient for the batch: a single lerp, the floor
-            # in place on the gathered partners: one allocation (lerp_(x, w) = p + w (x - p))
-            return x.index_select(0, perm).lerp_(x, float(plan.lam[0]))
-    blended = ~plan.cut & (plan.lam < 1)
-    if not x.is_floating_point():
-        if blended.any():
-            raise ValueError(f"Mixup needs floating-point inputs, got {x.dtype}; convert them.")
-        mask = _box_mask(_to(plan.boxes, x.device), x.shape[-2:])  # type: ignore[arg-type]
-        return torch.where(mask.unsqueeze(1), x.index_select(0, perm), x)
-    partner = x.index_select(0, perm)
-    # Weight of each sample's own pixels: lam for blended samples, 1 for cut ones; the pasted
-    # rectangle gets weight 0, which lerp turns into the partner's pixels exactly.
-    weight = _to(np.where(blended, plan.lam, 1.0).astype(np.float32), x.device, x.dtype)
-    if plan.boxes is None or not plan.cut.any():
-        return partner.lerp_(x, weight.view((-1,) + (1,) * (x.ndim - 1)))
-    # only cut samples have non-empty boxes, and their weight is 1: weight - inside is exact
-    in_rows, in_cols = _box_bands(_to(plan.boxes, x.device), x.shape[-2:])
-    inside = in_rows.to(x.dtype).unsqueeze(2) * in_cols.to(x.dtype).unsqueeze(1)
-    weight_map = inside.neg_().add_(weight.view(-1, 1, 1))
-    return partner.lerp_(x, weight_map.unsqueeze(1))
-
-
-def _box_bands(boxes: Tensor, size: torch.Size) -> tuple[Tensor, Tensor]:
-    """``(N, H)`` and ``(N, W)`` bool: the rows and columns each sample's box spans."""
-    rows = torch.arange(size[0], device=boxes.device)
-    cols = torch.arange(size[1], device=boxes.device)
-    in_rows = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])
-    in_cols = (cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])
-    return in_rows, in_cols
-
-
-def _box_mask(boxes: Tensor, size: torch.Size) -> Tensor:
-    """``(N, H, W)`` bool: inside each sample's box (empty boxes give all False)."""
-    in_rows, in_cols = _box_bands(boxes, size)
-    return in_rows.unsqueeze(2) & in_cols.unsqueeze(1)
-
-
-def mixup_batch(
-    x: Tensor,
-    targets: Tensor,
-    num_classes: int | None = None,
-    *,
-    generator: np.random.Generator | None = None,
-    **options: Any,
-) -> tuple[Tensor, Tensor]:
-    """Mix a batch and return ``(mixed inputs, soft targets)`` (options of :class:`Mixup`).
-
-    Example:
-        >>> x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])
-        >>> rng = np.random.default_rng(0)
-        >>> xm, ym = mixup_batch(x, y, 3, generator=rng, cutmix_alpha=1.0, label_smoothing=0.1)
-        >>> xm.shape, ym.shape, torch.allclose(ym.sum(1), torch.ones(4))
-        (torch.Size([4, 3, 8, 8]), torch.Size([4, 3]), True)
-    """
-    smoothing = options.pop("label_smoothing", 0.0)
-    image_size = (x.shape[-2], x.shape[-1]) if x.ndim == 4 else None
-    plan = draw_mix_plan(
-        x.shape[0], generator or np.random.default_rng(), image_size=image_size,
-        num_classes=num_classes, smoothing=smoothing, **options,
-    )  # fmt: skip
-    return mix_inputs(x, plan), plan.targets(targets)
-
-
-def publish_plan(module: torch.nn.Module, plan: MixPlan | None) -> None:
-    """Make the current batch's plan available to ``RegularizedModule.cross_entropy``."""
-    module.__dict__[PLAN_ATTRIBUTE] = plan
-
-
-def current_plan(module: torch.nn.Module) -> MixPlan | None:
-    """The plan of the batch being trained on (``None`` outside training or without a callback)."""
-    plan = module.__dict__.get(PLAN_ATTRIBUTE)
-    return plan if isinstance(plan, MixPlan) else None
 
 
 class Mixup(TrainBatchTransform):
@@ -322,7 +38,13 @@ class Mixup(TrainBatchTransform):
 
     The inputs of each training batch are mixed with a permuted copy of the batch and the targets
     become the matching probability rows, so ``F.cross_entropy(logits, y)`` in an unchanged
-    ``training_step`` trains on them. Validation, test and predict batches are untouched.
+    ``training_step`` trains on them. The batch is changed in place in ``on_train_batch_start``
+    (after device transfer and ``on_after_batch_transfer``; Lightning passes that same object to
+    ``training_step`` and ``on_train_batch_end``): the inputs and targets entries of a list or a
+    dict (``[x, y]``, ``{"pixel_values": x, "labels": y}``) are replaced. Tuples and other
+    immutable batches are refused at the first batch (return a list or dict from ``collate_fn``,
+    or pass ``get_batch``/``set_batch``). Validation, test and predict batches are untouched, and
+    nothing is set on the module or the datamodule.
 
     The draws of each block of 64 consecutive batches come from one generator, seeded from
     ``seed`` (default: the seed of ``seed_everything``), the global rank, the epoch, the block
@@ -351,15 +73,44 @@ class Mixup(TrainBatchTransform):
         input_key: where the inputs are in the batch (index or key; see ``BatchAdapter``).
         target_key: where the targets are.
         get_batch: a function ``batch -> (inputs, targets)`` for other layouts.
-        set_batch: a function ``(batch, inputs, targets) -> new batch``.
+        set_batch: a function ``(batch, inputs, targets) -> None`` that changes ``batch`` in
+            place (see :class:`~lightning_reg.BatchAdapter`).
 
     Raises:
-        ValueError: for invalid arguments.
+        ValueError: for invalid arguments (in ``__init__``); at the first training batch, for
+            integer targets without ``num_classes``, soft targets whose width is not
+            ``num_classes``, a layout where the inputs and targets are not found, or (on CPU) a
+            label outside ``[0, num_classes)``.
+        TypeError: at the first training batch, for a batch that cannot be changed in place.
+        RuntimeError: in ``setup``, when another training-batch transform is attached.
+
+    When the user's loss then fails because the model's number of classes is not
+    ``num_classes`` (or, on CUDA, a label is out of range), the exception gets a note naming
+    ``num_classes`` and the fix (added in ``on_exception``; nothing is checked per step).
 
     Example:
-        >>> from lightning.pytorch import Trainer
-        >>> mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
-        >>> trainer = Trainer(callbacks=[mix], logger=False)
+        >>> import lightning.pytorch as pl
+        >>> import torch.nn.functional as F
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> class Net(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.layer = torch.nn.Linear(4, 3)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch  # y: (N, 3) probability rows here, class indices in validation
+        ...         return F.cross_entropy(self.layer(x), y)
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> data = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
+        >>> mix = Mixup(mixup_alpha=0.4, label_smoothing=0.1, num_classes=3)
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[mix], logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False)
+        >>> trainer.fit(Net(), DataLoader(data, batch_size=8))
+        >>> mix.batches_seen, mix.current_plan is None  # the plan is withdrawn after the epoch
+        (4, True)
 
     Logged metrics:
         - ``reg/mixup/lambda``: mean mixing coefficient of the epoch's training samples (1 for
@@ -398,7 +149,8 @@ class Mixup(TrainBatchTransform):
         self.off_epoch, self.off_fraction = off_epoch, off_fraction
         self.keep_targets, self.seed = keep_targets, seed
         self.batches_seen, self.batch_in_epoch = 0, 0
-        self._plans = _PlanSource(self)
+        self._seed = seed  # this fit's base seed: `seed`, else seed_everything's (set in setup)
+        self._plans = PlanSource(self)
         self._lam_sum, self._lam_count = 0.0, 0
         self._state_key = self._generate_state_key(**self.options)  # read by Lightning per hook
 
@@ -414,10 +166,16 @@ class Mixup(TrainBatchTransform):
         return settings
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if self.seed is None:
-            self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+    def reset(self) -> None:
+        """Start a fit afresh: counters, kept plan blocks and the seed of ``seed_everything``."""
+        super().reset()
+        self.batches_seen, self.batch_in_epoch = 0, 0
+        self._lam_sum, self._lam_count = 0.0, 0
+        self._plans.clear()
+        seed = self.seed
+        self._seed = (
+            int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) if seed is None else seed
+        )
 
     def mixing_on(self, trainer: pl.Trainer) -> bool:
         """Whether mixing is still on at the current epoch/step."""
@@ -428,11 +186,14 @@ class Mixup(TrainBatchTransform):
             return not (math.isfinite(total) and trainer.global_step >= self.off_fraction * total)
         return True
 
-    def transform(self, trainer, pl_module, inputs, targets):  # type: ignore[no-untyped-def]  # noqa: D102
+    @override
+    def transform(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor, targets: Tensor
+    ) -> tuple[Tensor, Tensor]:
         n = inputs.shape[0]
         if self.mixing_on(trainer):
             image_size = (inputs.shape[-2], inputs.shape[-1]) if inputs.ndim == 4 else None
-            key = (self.seed or 0, trainer.global_rank, trainer.current_epoch)
+            key = (self._seed or 0, trainer.global_rank, trainer.current_epoch)
             plan = self._plans.plan(key, self.batch_in_epoch, n, image_size, inputs.device)
         else:
             plan = MixPlan.identity(n, self.num_classes, self.label_smoothing)
@@ -440,25 +201,24 @@ class Mixup(TrainBatchTransform):
         self.batch_in_epoch += 1
         self._lam_sum += float(plan.lam[0]) * n if plan.shared else float(plan.lam.sum())
         self._lam_count += n
-        mixed = mix_inputs(inputs, plan)
-        if self.keep_targets:
-            publish_plan(pl_module, plan)
-            return mixed, targets
-        return mixed, plan.targets(targets)
+        self._plan = plan  # for RegularizedModule.cross_entropy (keep_targets=True)
+        mixed = mix_inputs(inputs, plan)  # a new tensor: the batch's may be shared with the data
+        return (mixed, targets) if self.keep_targets else (mixed, plan.targets(targets))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
         self.batch_in_epoch = 0
         if self._lam_count:
             mean = self._lam_sum / self._lam_count
             pl_module.log("reg/mixup/lambda", mean, on_step=False, on_epoch=True, sync_dist=True)
         self._lam_sum, self._lam_count = 0.0, 0
-        publish_plan(pl_module, None)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)  # also withdraws the published plan
-        self._plans.clear()
+        super().teardown(trainer, pl_module, stage)
+        if stage == "fit":
+            self._plans.clear()  # no device tensors kept after fit
 
     @override
     def on_exception(
@@ -471,154 +231,15 @@ class Mixup(TrainBatchTransform):
     def state_dict(self) -> dict[str, Any]:
         return {
             "batches_seen": self.batches_seen, "batch_in_epoch": self.batch_in_epoch,
-            "seed": self.seed,
+            "seed": self._seed,
         }  # fmt: skip
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_seen = int(state_dict["batches_seen"])
         self.batch_in_epoch = int(state_dict.get("batch_in_epoch", 0))
-        self.seed = state_dict.get("seed", self.seed)
-
-
-BLOCK_BATCHES = 64
-"""Consecutive batch positions whose plans are drawn from one generator (and, in the common
-case, in one go)."""
-_BLOCK_ELEMENTS = 1 << 18  # at most this many permutation entries per block
-
-
-class _Block:
-    """The plans of one block of batch positions: its generator, settings and what was drawn."""
-
-    def __init__(self, rng: np.random.Generator, num_classes: int | None, smoothing: float) -> None:
-        self.rng = rng
-        self.num_classes, self.smoothing = num_classes, smoothing
-        self.drawn = 0  # plans drawn one by one so far
-        self.perms: np.ndarray | None = None  # whole-block draws: (rows, n) permutations
-        self.lams: list[np.ndarray] = []
-        self.no_cut = np.zeros(0, dtype=bool)
-        self.device: torch.device | None = None  # where partners and class_rows are
-        self.partners: list[Tensor] = []
-        self.class_rows: Tensor | None = None
-
-
-class _PlanSource:
-    """One rank's plans, each a function of its epoch key, position in the epoch and batch size.
-
-    Positions are grouped in blocks of ``BLOCK_BATCHES``; each block has its own generator,
-    seeded from ``(seed, rank, epoch, block, batch size)``. A resumed run therefore draws the
-    plans of an uninterrupted one without replaying the epoch, and a short last batch does not
-    shift the draws of the others. In the common case (batch mode, mixup only, every batch mixed)
-    a block's coefficients and permutations are drawn in two NumPy calls and its permutations
-    reach the device in one copy, so a batch costs a few list look-ups; otherwise the block's
-    plans are drawn one by one with :func:`draw_mix_plan`. The last few blocks are kept, so
-    batches of alternating sizes do not redraw them. The callback's settings are read when a
-    block is made, so changing them (``mix.num_classes = ...``) takes effect at the next block.
-    """
-
-    def __init__(self, owner: Mixup) -> None:
-        self.owner = owner
-        self._whole: bool | None = None  # whether whole blocks are drawn (set at first use)
-        self._blocks: OrderedDict[tuple[Any, ...], _Block] = OrderedDict()
-        self._rows_key: tuple[Any, ...] | None = None
-        self._rows: Tensor | None = None
-
-    def clear(self) -> None:
-        """Drop the kept blocks and tables (device tensors included)."""
-        self._whole = None
-        self._blocks.clear()
-        self._rows_key, self._rows = None, None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"owner": self.owner}  # kept blocks and device tensors stay behind
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["owner"])  # type: ignore[misc]
-
-    def plan(
-        self,
-        epoch_key: tuple[int, int, int],
-        position: int,
-        n: int,
-        image_size: tuple[int, int] | None,
-        device: torch.device,
-    ) -> MixPlan:
-        """The plan of the batch at ``position`` in the epoch, ``n`` samples, on ``device``."""
-        whole = self._whole
-        if whole is None:
-            options = self.owner.options
-            whole = self._whole = _mixup_every_batch(
-                options["mode"], options["prob"], options["cutmix_alpha"], options["cutmix_minmax"]
-            )
-        rows = max(1, min(BLOCK_BATCHES, _BLOCK_ELEMENTS // max(n, 1)))
-        index, row = divmod(position, rows)
-        key = (*epoch_key, index, n, None if whole else image_size)
-        block = self._blocks.get(key)
-        if block is None or (not whole and row < block.drawn):  # new, or going back: afresh
-            block = self._blocks[key] = _Block(
-                np.random.default_rng([*epoch_key, index, n]),
-                self.owner.num_classes, self.owner.label_smoothing,
-            )  # fmt: skip
-            if whole:
-                self._draw_block(block, rows, n)
-            while len(self._blocks) > _KEPT_BLOCKS:
-                self._blocks.popitem(last=False)
-        if device != block.device:
-            self._place(block, device)
-        if whole:
-            return MixPlan(
-                perm=block.perms[row], lam=block.lams[row], boxes=None,  # type: ignore[index]
-                cut=block.no_cut, shared=True, num_classes=block.num_classes,
-                smoothing=block.smoothing, partners=block.partners[row],
-                class_rows=block.class_rows,
-            )  # fmt: skip
-        for _ in range(block.drawn, row):  # replay the block's earlier draws after a resume
-            self._draw(block, n, image_size)
-        block.drawn = row + 1
-        plan = self._draw(block, n, image_size)
-        plan.class_rows = block.class_rows
-        return plan
-
-    def _draw(self, block: _Block, n: int, image_size: tuple[int, int] | None) -> MixPlan:
-        return draw_mix_plan(
-            n, block.rng, image_size=image_size, num_classes=block.num_classes,
-            smoothing=block.smoothing, **self.owner.options,
-        )  # fmt: skip
-
-    def _draw_block(self, block: _Block, rows: int, n: int) -> None:
-        alpha = self.owner.options["mixup_alpha"]
-        lam = block.rng.beta(alpha, alpha, rows).astype(np.float32)
-        block.perms = np.tile(np.arange(n), (rows, 1))
-        block.rng.permuted(block.perms, axis=1, out=block.perms)
-        block.lams = list(np.repeat(lam[:, None], n, axis=1))
-        block.no_cut = np.zeros(n, dtype=bool)
-
-    def _place(self, block: _Block, device: torch.device) -> None:
-        """Put the block's partners and class table on ``device`` (pinned, non-blocking on CUDA)."""
-        if block.perms is not None:
-            perms = torch.from_numpy(block.perms)
-            if device.type == "cuda":
-                perms = perms.pin_memory()
-            block.partners = list(perms.to(device, non_blocking=True).unbind(0))
-        block.class_rows = self._class_rows(block.num_classes, block.smoothing, device)
-        block.device = device
-
-    def _class_rows(
-        self, classes: int | None, smoothing: float, device: torch.device
-    ) -> Tensor | None:
-        """A table of smoothed one-hot rows on ``device`` (the last one made is kept)."""
-        if classes is None or classes > _TABLE_CLASSES:
-            return None
-        key = (classes, smoothing, device, torch.get_default_dtype())
-        if key != self._rows_key:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                return None  # a table made now would live in the graph's private pool
-            self._rows_key, self._rows = key, smoothed_rows(classes, smoothing, device)
-        return self._rows
-
-
-_KEPT_BLOCKS = 4  # blocks kept per callback (batches of alternating sizes use two)
-_TABLE_CLASSES = 1024  # a table of smoothed rows holds at most 1024 x 1024 values
+        seed = state_dict.get("seed")
+        self._seed = self._seed if seed is None else int(seed)
 
 
 def _validate(

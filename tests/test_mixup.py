@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from lightning_reg import LabelSmoothing, Mixup, RegularizedModule, draw_mix_plan, mix_inputs
-from lightning_reg import mixup as mixup_module
-from lightning_reg.mixup import MixPlan, current_plan
+from lightning_reg import _plan_blocks
+from lightning_reg.mixup import MixPlan
 from tests.helpers import CountScalarReads, CrashAt, same_state, trainer_kwargs
 
 Pair = namedtuple("Pair", ["image", "label"])
@@ -148,9 +148,7 @@ def test_mixup_changes_training_inputs_and_cutmix_pastes_patches(tmp_path):
 
 
 # -------------------------------------------------------------------------------- batch layouts
-@pytest.mark.parametrize(
-    ("collate", "kind"), [(None, list), (as_tuple, tuple), (as_dict, dict), (as_named, Pair)]
-)
+@pytest.mark.parametrize(("collate", "kind"), [(None, list), (as_dict, dict)])
 def test_batch_layouts(tmp_path, collate, kind):
     model = ConvNet()
     fit(tmp_path, model, [Mixup(num_classes=4)], dm=ImageData(collate), max_epochs=1)
@@ -158,17 +156,33 @@ def test_batch_layouts(tmp_path, collate, kind):
     assert all(y.is_floating_point() for _, _, y in model.seen["train"])
 
 
-def test_custom_getter_and_setter(tmp_path):
+@pytest.mark.parametrize("collate", [as_tuple, as_named], ids=["tuple", "namedtuple"])
+@pytest.mark.parametrize("make", [lambda: Mixup(num_classes=4), lambda: LabelSmoothing(0.1, 4)])
+def test_immutable_batches_are_refused_at_the_first_batch(tmp_path, collate, make):
+    model = ConvNet()
+    with pytest.raises(TypeError, match=r"cannot be changed in place.*collate_fn.*set_batch"):
+        fit(tmp_path, model, [make()], dm=ImageData(collate), max_epochs=1)
+    assert model.seen["train"] == []  # refused before the first step
+
+
+def test_custom_getter_and_in_place_setter(tmp_path):
     def get(batch):
         return batch["image"], batch["label"]
 
     def put(batch, x, y):
-        return {**batch, "image": x, "label": y}
+        batch["image"], batch["label"] = x, y
 
     model = ConvNet()
     mix = Mixup(num_classes=4, get_batch=get, set_batch=put)
     fit(tmp_path, model, [mix], dm=ImageData(as_dict), max_epochs=1)
     assert all(y.is_floating_point() for _, _, y in model.seen["train"])
+
+
+def test_a_setter_that_returns_a_new_batch_is_refused(tmp_path):
+    mix = Mixup(num_classes=4, get_batch=lambda b: (b["image"], b["label"]),
+                set_batch=lambda b, x, y: {**b, "image": x, "label": y})  # fmt: skip
+    with pytest.raises(TypeError, match="must change `batch` in place"):
+        fit(tmp_path, ConvNet(), [mix], dm=ImageData(as_dict), max_epochs=1)
 
 
 def test_unknown_layout_names_the_options(tmp_path):
@@ -300,7 +314,8 @@ class RecordPlans(pl.Callback):
         self.plans = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        plan = current_plan(pl_module)
+        mix = next(cb for cb in trainer.callbacks if isinstance(cb, Mixup))
+        plan = mix.current_plan
         boxes = None if plan.boxes is None else plan.boxes.tolist()
         self.plans[(trainer.current_epoch, batch_idx)] = (plan.perm.tolist(), plan.lam.tolist(),
                                                           boxes)  # fmt: skip
@@ -317,7 +332,7 @@ def test_mid_epoch_resume_draws_the_plans_of_an_uninterrupted_run(tmp_path, monk
     # block of its own size. The data loader keeps no state, so on resume it restarts the
     # epoch's data at batch index 3: the plans are compared, not the mixed inputs, and batch
     # (1, 5) is a full batch there (its plan is drawn for 16 samples, not 8).
-    monkeypatch.setattr("lightning_reg.mixup.BLOCK_BATCHES", 4)
+    monkeypatch.setattr("lightning_reg._plan_blocks.BLOCK_BATCHES", 4)
 
     def run(root, crash=None, ckpt_path=None):
         pl.seed_everything(0, verbose=False)
@@ -349,13 +364,13 @@ def test_mid_epoch_resume_draws_the_plans_of_an_uninterrupted_run(tmp_path, monk
 @pytest.mark.parametrize("options", [dict(), dict(cutmix_alpha=1.0, mode="elem")])
 def test_alternating_batch_sizes_keep_their_blocks_and_draws(monkeypatch, options):
     made = []
-    original = mixup_module._Block
+    original = _plan_blocks._Block
 
     def counting_block(*args):
         made.append(1)
         return original(*args)
 
-    monkeypatch.setattr(mixup_module, "_Block", counting_block)
+    monkeypatch.setattr(_plan_blocks, "_Block", counting_block)
     mix = Mixup(0.8, num_classes=4, **options)
     mix.seed = 0
     sizes = [16, 15] * 20  # e.g. a bucketing sampler

@@ -18,8 +18,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from lightning_reg.label_smoothing import smooth_targets, smoothed_rows
-from lightning_reg.mixup import MixPlan, _boxes, draw_mix_plan, mix_inputs, mixup_batch
+from lightning_reg.mixing import (
+    MixPlan,
+    _boxes,
+    draw_mix_plan,
+    mix_inputs,
+    mixup_batch,
+    smooth_targets,
+    smoothed_rows,
+)
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KINDS = ("mixup", "cutmix", "both")
