@@ -27,12 +27,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryROC
 from typing_extensions import override
 
 from lightning_reg._batch import BatchAdapter
+from lightning_reg._subset import draw_indices, is_map_style, subset_loader
 from lightning_reg.tensorboard import log_scalars
 
 __all__ = ["MembershipInferenceAudit", "attack_metrics", "loss_attack_metrics"]
@@ -80,38 +82,53 @@ class MembershipInferenceAudit(Callback):
     losses of the model, in eval mode and without gradients, are computed on a fixed, seeded
     subset of the training set (members) and one of the validation set (non-members), both of
     ``min(subset_size, len(train), len(val))`` samples. The attack's score is the negative loss.
-    Under DDP each rank scores its own share of both subsets (no duplicates) and torchmetrics
-    gathers the scores, so the numbers equal a single-process audit. Validation results, the
-    global RNG and the weights are left untouched.
+    Batches take Lightning's evaluation path: the precision plugin's input conversion and
+    ``val_step_context`` (autocast under ``bf16-mixed``/``16-mixed``), your batch-transfer hooks,
+    and, for the default loss, the forward of the strategy's wrapper (DDP, FSDP). Under DDP each
+    rank scores its own share of both subsets (no duplicates, the same number of batches on every
+    rank) and torchmetrics gathers the scores, so the numbers equal a single-process audit.
+    Validation results, the global RNG and the weights are left untouched.
 
     The result is a LOWER BOUND on membership leakage: a stronger attack can do better, so a low
     AUC is no privacy guarantee. A smaller train/val gap does not imply less leakage (label
     smoothing can raise it while narrowing the gap).
 
+    A callback that reads ``reg/privacy/...`` in its own ``on_validation_end`` calls
+    :meth:`evaluate_after_validation` first; the audit runs once per audited validation whoever
+    asks first.
+
     Args:
         subset_size: members (and non-members) scored per audit.
         every_n_evals: audit every this many validations (the n-th, 2n-th, ...).
         loss_fn: ``loss_fn(pl_module, batch) -> per-sample losses (N,)`` for models that are not
-            classifiers; default: ``F.cross_entropy(pl_module(x), y, reduction="none")``.
+            classifiers; default: ``F.cross_entropy(model(x), y, reduction="none")`` where
+            ``model`` is the strategy's wrapped module. ``loss_fn`` receives the
+            ``LightningModule`` itself: under ``FSDPStrategy`` (FSDP1), whose root wrapper holds
+            the flat parameters, call the model through ``pl_module.trainer.strategy.model``.
         input_key: where the inputs are in a batch (index or key; see ``BatchAdapter``).
         target_key: where the targets are in a batch.
         train_dataset: members are drawn from it (default: the train dataloader's dataset);
             pass the training data with validation transforms if the dataset augments.
         val_dataset: non-members are drawn from it (default: the first validation dataloader's).
-        batch_size: batch size of the pass (default: each dataloader's).
+        batch_size: the largest batch size of the pass (default: each dataloader's).
         seed: seed of the subsets: a generator seeded with it draws
             ``randperm(len(train))[:n]``, then ``randperm(len(val))[:n]``.
 
     Raises:
         ValueError: for a bad ``subset_size``, ``every_n_evals`` or ``batch_size``, or
             ``input_key``/``target_key`` together with ``loss_fn``.
-        RuntimeError: when no subset can be drawn (iterable dataset), when the batch layout is
-            unknown, or when the losses are not one per sample.
+        RuntimeError: at fit start, when the module has no ``validation_step`` (no validation,
+            so no audit) or the training dataset is iterable and ``train_dataset=`` is not given;
+            at the first audit, when the validation dataset is iterable and ``val_dataset=`` is
+            not given, when the batch layout is unknown, or when the losses are not one per
+            sample.
 
     Example:
         >>> from lightning.pytorch import Trainer
         >>> audit = MembershipInferenceAudit(subset_size=1000)
         >>> trainer = Trainer(callbacks=[audit], logger=False)
+        >>> audit.state_key == MembershipInferenceAudit(subset_size=100).state_key
+        False
 
     Logged metrics:
         - ``reg/privacy/auc``: ROC AUC of the attack (0.5: no better than chance).
@@ -149,9 +166,18 @@ class MembershipInferenceAudit(Callback):
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
         self.batch_size = batch_size
         self._roc = BinaryROC(thresholds=None, normalization=None)  # scores are -loss: no sigmoid
+        # Lightning reads `state_key` at every hook call: built once
+        self._state_key = self._generate_state_key(
+            subset_size=subset_size, every_n_evals=every_n_evals, seed=seed
+        )
+        self._reset_run()
+
+    def _reset_run(self) -> None:
+        """Forget everything of a previous fit (its count, its data)."""
         self._loaders: tuple[DataLoader, DataLoader] | None = None
         self._n = 0
-        self._evals = 0
+        self._evals = 0  # validations of this fit so far (not sanity checks)
+        self._audited: tuple[int, int] | None = None  # the validation last audited
 
     def regularization_settings(self) -> dict[str, Any]:
         """This callback's settings, for the TensorBoard hparams view."""
@@ -160,65 +186,111 @@ class MembershipInferenceAudit(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(subset_size=self.subset_size, seed=self.seed)
+        return self._state_key
 
     # -------------------------------------------------------------------------------- subsets
+    def _dataset(self, trainer: pl.Trainer, arg: str) -> Any:
+        given = self.train_dataset if arg == "train_dataset" else self.val_dataset
+        data: Any
+        if given is not None:
+            data = given
+        elif arg == "train_dataset":
+            data = getattr(trainer.train_dataloader, "dataset", None)
+        else:
+            data = getattr(_first(trainer.val_dataloaders), "dataset", None)
+        if not is_map_style(data):
+            what = type(data).__name__ if data is not None else "no single dataset"
+            raise RuntimeError(
+                "MembershipInferenceAudit needs map-style training and validation datasets (with "
+                f"`__len__` and `__getitem__`) to draw fixed subsets from, but got {what} for "
+                f"`{arg}`. Pass `{arg}=` (the data with validation transforms)."
+            )
+        return data
+
     def _subset_loaders(self, trainer: pl.Trainer) -> tuple[DataLoader, DataLoader]:
         if self._loaders is not None:
             return self._loaders
-        train_loader, val_loader = trainer.train_dataloader, _first(trainer.val_dataloaders)
-        train, val = self.train_dataset, self.val_dataset
-        train = getattr(train_loader, "dataset", None) if train is None else train
-        val = getattr(val_loader, "dataset", None) if val is None else val
-        for arg, data in (("train_dataset", train), ("val_dataset", val)):
-            if not hasattr(data, "__len__") or isinstance(data, IterableDataset):
-                raise RuntimeError(
-                    "MembershipInferenceAudit needs map-style training and validation datasets to "
-                    f"draw fixed subsets from; pass `{arg}=`."
-                )
-        n = min(self.subset_size, len(train), len(val))  # type: ignore[arg-type]
-        if n < trainer.world_size:
-            raise RuntimeError(f"The subsets ({n} samples) are smaller than the world size.")
+        train, val = self._dataset(trainer, "train_dataset"), self._dataset(trainer, "val_dataset")
+        n = min(self.subset_size, len(train), len(val))
         generator = torch.Generator().manual_seed(self.seed)  # the global RNG stays untouched
-        members = torch.randperm(len(train), generator=generator)[:n]  # type: ignore[arg-type]
-        nonmembers = torch.randperm(len(val), generator=generator)[:n]  # type: ignore[arg-type]
+        members = draw_indices(train, n, generator)
+        nonmembers = draw_indices(val, n, generator)
         self._n = n
+        like = (trainer.train_dataloader, _first(trainer.val_dataloaders))
         self._loaders = (
-            self._loader(trainer, train, members, train_loader),
-            self._loader(trainer, val, nonmembers, val_loader),
+            self._loader(trainer, train, members, like[0]),
+            self._loader(trainer, val, nonmembers, like[1]),
         )
         return self._loaders
 
-    def _loader(self, trainer: pl.Trainer, data: Any, order: Tensor, like: Any) -> DataLoader:
-        return DataLoader(
-            Subset(data, order[trainer.global_rank :: trainer.world_size].tolist()),
-            batch_size=self.batch_size or getattr(like, "batch_size", None) or 64,
-            shuffle=False,
-            collate_fn=getattr(like, "collate_fn", None),
-            generator=torch.Generator().manual_seed(self.seed),  # iterating draws a base seed
-        )
+    def _loader(self, trainer: pl.Trainer, data: Any, indices: Tensor, like: Any) -> DataLoader:
+        return subset_loader(
+            data, indices, rank=trainer.global_rank, world_size=trainer.world_size,
+            batch_size=self.batch_size or getattr(like, "batch_size", None) or 64, like=like,
+            seed=self.seed,
+        )  # fmt: skip
 
-    # ------------------------------------------------------------------------------- the audit
+    # ----------------------------------------------------------------------------- lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._loaders = None  # a new fit may bring new data
+        if stage != "fit":
+            return
+        # A new fit starts clean; a resumed one gets its count back from the checkpoint, which
+        # Lightning loads after `setup`.
+        self._reset_run()
+        if not is_overridden("validation_step", pl_module):
+            raise RuntimeError(
+                "MembershipInferenceAudit audits after each validation, but "
+                f"{type(pl_module).__name__} defines no `validation_step`, so Lightning never "
+                "validates. Add a `validation_step` (and a validation dataloader), or remove the "
+                "audit."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The earliest hook where the train dataloader is loaded: fail before the first step.
+        self._dataset(trainer, "train_dataset")
+        if self.val_dataset is not None or trainer.val_dataloaders is not None:
+            self._subset_loaders(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._loaders = None
+        if stage == "fit":
+            self._loaders = None  # nothing of this fit's data is kept
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self._evals += 1
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.evaluate_after_validation(trainer, pl_module)
+
+    # ------------------------------------------------------------------------------- the audit
+    def evaluate_after_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Audit the latest validation of ``fit`` if it is due and has not been audited yet.
+
+        Called by this callback's own ``on_validation_end``. A callback that reads
+        ``reg/privacy/...`` in its ``on_validation_end`` (such as
+        :class:`lightning_reg.EarlyStopping`) calls it first, so that it sees this validation's
+        values whatever the order of the callbacks. It is idempotent: one audit per due
+        validation, keyed on ``trainer.global_step`` and a count of validations. It does nothing
+        during the sanity check, outside ``fit``, or for validations ``every_n_evals`` skips.
+
+        Args:
+            trainer: the running trainer.
+            pl_module: the module being fitted.
+        """
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        self._evals += 1
-        if self._evals % self.every_n_evals:
+        key = (trainer.global_step, self._evals)
+        if self._evals == 0 or self._evals % self.every_n_evals or key == self._audited:
             return
         scalars = {f"reg/privacy/{k}": v for k, v in self._audit(trainer, pl_module).items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
         log_scalars(trainer, scalars)
+        self._audited = key
 
     def _audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         loaders = self._subset_loaders(trainer)
@@ -226,7 +298,7 @@ class MembershipInferenceAudit(Callback):
         modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
         try:
-            with torch.no_grad(), trainer.precision_plugin.val_step_context():
+            with torch.no_grad():
                 for loader, label in zip(loaders, (1, 0), strict=True):
                     for batch in loader:
                         losses = self._losses(trainer, pl_module, batch).float()
@@ -239,19 +311,12 @@ class MembershipInferenceAudit(Callback):
         return attack_metrics(fpr, tpr, self._n)
 
     def _losses(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
-        batch = trainer.strategy.batch_to_device(trainer.precision_plugin.convert_input(batch))
-        if self.loss_fn is not None:
-            losses = self.loss_fn(pl_module, batch)
-        else:
-            try:
-                x, y = self.adapter.split(batch)
-            except ValueError as err:
-                raise RuntimeError(
-                    "MembershipInferenceAudit could not find inputs and targets in the batch; "
-                    "pass `input_key=`/`target_key=`, or `loss_fn(pl_module, batch)` returning "
-                    "per-sample losses."
-                ) from err
-            losses = F.cross_entropy(pl_module(x), y, reduction="none")
+        # Lightning's evaluation path for a batch (loops/evaluation_loop.py, `_evaluation_step`)
+        batch = trainer.precision_plugin.convert_input(batch)
+        batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
+        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+        with trainer.precision_plugin.val_step_context():
+            losses = self._loss(trainer, pl_module, batch)
         if not isinstance(losses, Tensor) or losses.ndim != 1:
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             raise RuntimeError(
@@ -259,6 +324,21 @@ class MembershipInferenceAudit(Callback):
                 "use reduction='none' and average any other dimension inside `loss_fn`."
             )
         return losses.detach()
+
+    def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
+        if self.loss_fn is not None:
+            return self.loss_fn(pl_module, batch)
+        try:
+            x, y = self.adapter.split(batch)
+        except ValueError as err:
+            raise RuntimeError(
+                "MembershipInferenceAudit could not find inputs and targets in the batch; "
+                "pass `input_key=`/`target_key=`, or `loss_fn(pl_module, batch)` returning "
+                "per-sample losses."
+            ) from err
+        # the strategy's wrapper (DDP, FSDP) runs the module's forward, as in Lightning's steps
+        model = trainer.strategy.model or pl_module
+        return F.cross_entropy(model(x), y, reduction="none")
 
     # ----------------------------------------------------------------------------------- state
     @override

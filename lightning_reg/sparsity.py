@@ -111,6 +111,8 @@ class ProximalSparsity(Callback):
         >>> from lightning.pytorch import Trainer
         >>> sparsity = ProximalSparsity(l1=1e-4, warmup_steps=500)
         >>> trainer = Trainer(callbacks=[sparsity], logger=False)
+        >>> sparsity.state_key == ProximalSparsity(l1=1e-3, warmup_steps=500).state_key
+        False
 
     Logged metrics:
         - ``reg/proximal/strength``: the L1 (group) strength in force at the epoch's end.
@@ -155,9 +157,19 @@ class ProximalSparsity(Callback):
             exclude_embeddings=exclude_embeddings, exclude=list(exclude),
         )  # fmt: skip
         self.sparsity_tolerance = sparsity_tolerance
+        # Lightning reads `state_key` at every hook call: built once
+        self._state_key = self._generate_state_key(
+            l1=l1, l2=l2, penalty=penalty, group_dim=group_dim, start_step=start_step,
+            warmup_steps=warmup_steps,
+        )  # fmt: skip
         self._targets: set[int] = set()
         self._last_step = -1
         self._log_weights = True
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._state_key
 
     def regularization_settings(self) -> dict[str, Any]:
         """This callback's settings, for the TensorBoard hparams view."""

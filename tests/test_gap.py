@@ -123,9 +123,9 @@ def test_sanity_check_is_ignored_and_no_per_step_cost(tmp_path):
     calls = []
 
     class Counting(GeneralizationGapMonitor):
-        def _subset_loader(self, trainer):
+        def _run_pass(self, trainer, pl_module):
             calls.append(trainer.sanity_checking)
-            return super()._subset_loader(trainer)
+            return super()._run_pass(trainer, pl_module)
 
     fit(tmp_path, TinyClassifier(), [Counting(32)], max_epochs=3, num_sanity_val_steps=2)
     assert calls == [False, False, False]  # one pass per validation, none for the sanity check
