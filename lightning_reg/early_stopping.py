@@ -2,8 +2,8 @@
 
 Method card:
     What it does: stops training when the monitored metric stops improving (exactly as Lightning's
-    ``EarlyStopping``) and puts the weights and buffers of the best check back into the model when
-    training ends, however it ends.
+    ``EarlyStopping``) and puts the weights and buffers that scored the best check back into the
+    model when ``fit`` ends, however it ends.
     Suggested values: ``patience`` of 5-20 validation checks; ``min_delta`` around the noise level
     of the monitored metric.
     When it hurts: a very noisy validation set makes "best" a lucky draw; use a larger validation
@@ -14,42 +14,60 @@ from __future__ import annotations
 
 import math
 import os
-import re
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks import EarlyStopping as _LightningEarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
 from typing_extensions import override
 
-from lightning_reg._snapshot import SNAPSHOT_LOCATIONS, SnapshotLocation, StateSnapshot
+from lightning_reg._best_state import (
+    held_in_memory,
+    host_copy,
+    put_back_reached_weights,
+    snapshot_file,
+    validate_arguments,
+    validated_averaging,
+    warn_if_not_synced,
+)
+from lightning_reg._lightning import averaged_module, checkpoint_savers_after, is_replicated
+from lightning_reg._snapshot import SnapshotLocation, StateSnapshot
 from lightning_reg._utils import trainer_callbacks
 
-__all__ = ["EarlyStopping"]
+__all__ = ["CHECKPOINT_KEY", "EarlyStopping"]
+
+CHECKPOINT_KEY = "lightning_reg_best_state"
+"""Top-level checkpoint key holding each EarlyStopping's snapshot, by ``state_key``."""
 
 
 class EarlyStopping(_LightningEarlyStopping):
-    r"""Lightning's ``EarlyStopping`` that also restores the best weights when training ends.
+    r"""Lightning's ``EarlyStopping`` that also restores the best weights when ``fit`` ends.
 
-    Same name, arguments, defaults and stopping behaviour as
+    Same name, arguments, defaults, attributes, messages, ``state_key`` and callback state as
     :class:`lightning.pytorch.callbacks.EarlyStopping`: swapping the import is the whole migration,
     and checkpoints written by either class resume with the other. On top of it, whenever the
-    monitored value improves, the full local module state (parameters and persistent buffers such
-    as BatchNorm running statistics) is copied aside; the copy is put back when training stops
-    early, when it ends normally (``max_epochs``/``max_steps``) and, with ``restore_on_exception``,
-    when ``fit`` raises (``KeyboardInterrupt`` included). Exactly one copy is kept.
+    monitored value improves, the local state of the weights that were just validated
+    (parameters and persistent buffers such as BatchNorm running statistics) is copied aside; the
+    copy is put back in ``on_fit_end`` (after every ``on_train_end`` hook, checkpoint callbacks
+    and weight averaging included) when training stops early or ends normally, and, with
+    ``restore_on_exception``, in ``on_exception`` when ``fit`` raises. Exactly one copy is kept.
 
     "Best" is tracked on its own: a non-finite value is never copied, a stop by
     ``divergence_threshold`` never restores a worse check, and a value that reaches
-    ``stopping_threshold`` is copied if it is the best so far. The weights are put back in
-    ``on_train_end`` (or ``on_exception``) *after* every checkpoint callback has run that hook, so
-    ``last.ckpt`` and exception checkpoints hold the weights training actually reached, and while
-    the model is still wrapped by the strategy with its process group alive.
+    ``stopping_threshold`` is copied if it is the best so far.
+
+    Every ``fit`` starts afresh: counters, best value and snapshot are reset in ``setup``, so a
+    callback reused for another model (a sweep) never puts one model's weights into another. A fit
+    resumed from a checkpoint (``ckpt_path=``) then loads the checkpoint's state, snapshot included.
+
+    With Lightning's ``WeightAveraging``/``EMAWeightAveraging``, validation scores the averaged
+    weights, so the snapshot is taken from the averaged model and the check runs at the end of
+    validation (before the average moves on); the model ends with the averaged weights of the best
+    check. With ``StochasticWeightAveraging`` (which validates the live weights and copies its
+    never-validated average in at the end) the best validated weights win, with a warning.
 
     Args:
         monitor: quantity to be monitored.
@@ -65,15 +83,17 @@ class EarlyStopping(_LightningEarlyStopping):
             runs once per epoch) instead of at the end of validation.
         log_rank_zero_only: log the stopping messages on rank 0 only.
         restore_best_weights: put the best state back when training ends.
-        restore_on_exception: also put it back when ``fit`` raises or is interrupted.
+        restore_on_exception: also put it back when ``fit`` raises. A checkpoint callback that
+            saves on exception (``OnExceptionCheckpoint``, ``ModelCheckpoint(save_on_exception=
+            True)``) still saves the weights training reached.
         snapshot_to: where the copy lives: ``"cpu"`` (host memory, pinned and copied without
             blocking when the model is on a GPU), ``"device"`` (fastest, costs device memory) or
-            ``"disk"`` (one file per rank, no extra memory).
+            ``"disk"`` (one file per rank and fit, deleted when ``fit`` ends).
         snapshot_dir: directory for ``snapshot_to="disk"``; defaults to
             ``<trainer.default_root_dir>/best_state``.
-        checkpoint_snapshot: include the copy in Lightning checkpoints, so a resumed run restores
-            the same weights as an uninterrupted one. Without it, a resumed run tracks the best
-            state afresh from where it resumed.
+        checkpoint_snapshot: include the copy in Lightning checkpoints (under the top-level key
+            ``"lightning_reg_best_state"``), so a resumed run restores the same weights as an
+            uninterrupted one. Without it, a resumed run tracks the best state afresh.
         start_from_epoch: epochs before this one neither count towards ``patience`` nor take a
             snapshot (only the non-finite check runs); for warm-up phases.
         baseline: a value the monitored quantity must beat: checks that do not beat it count as
@@ -88,7 +108,9 @@ class EarlyStopping(_LightningEarlyStopping):
         ValueError: for invalid arguments (negative ``patience``/``min_delta``/``start_from_epoch``,
             unknown ``snapshot_to``, thresholds the wrong way round, non-finite ``baseline``).
         MisconfigurationException: if ``mode`` is neither ``"min"`` nor ``"max"``.
-        RuntimeError: if the monitored metric is not logged and ``strict=True``.
+        RuntimeError: if the monitored metric is not logged and ``strict=True``; at ``setup``, with
+            ``check_on_train_epoch_end=True`` beside a ``WeightAveraging`` callback, or with two
+            of them.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -127,7 +149,7 @@ class EarlyStopping(_LightningEarlyStopping):
         start_from_epoch: int = 0,
         baseline: float | None = None,
     ) -> None:
-        _validate_arguments(
+        validate_arguments(
             monitor, min_delta, patience, mode, stopping_threshold, divergence_threshold,
             snapshot_to, start_from_epoch, baseline,
         )  # fmt: skip
@@ -143,19 +165,33 @@ class EarlyStopping(_LightningEarlyStopping):
         self.checkpoint_snapshot = checkpoint_snapshot
         self.start_from_epoch = start_from_epoch
         self.baseline = baseline
-        if baseline is not None:
-            # Lightning's improvement test compares with `best_score`: starting it at the baseline
-            # makes only checks that beat the baseline reset `wait_count`.
-            self.best_score = torch.tensor(float(baseline))
-        self.best_value = math.inf if mode == "min" else -math.inf
+        self._check_on_train_epoch_end_arg = check_on_train_epoch_end
+        self._reset_run_state()
+        self._state_key = super().state_key  # Lightning reads it at every hook call
+
+    def _reset_run_state(self) -> None:
+        """What one ``fit`` learns; cleared at the start of every ``fit`` (plain values only)."""
+        self.wait_count = 0
+        self.stopped_epoch = 0
+        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
+        self.stopping_reason_message = None
+        start = self.baseline if self.baseline is not None else math.inf * self._sign
+        # Lightning's improvement test compares with `best_score`: starting it at the baseline
+        # makes only checks that beat the baseline reset `wait_count`.
+        self.best_score = torch.tensor(float(start))
+        self.best_value = math.inf * self._sign
         self.best_epoch = -1
         self.best_step = -1
         self._snapshot: StateSnapshot | None = None
-        self._state_key = super().state_key  # Lightning reads it at every hook call
-        self._restorer = _RestoreAfterCheckpoints(self)
-        self._fitting = False  # between setup("fit") and teardown/on_exception
+        self._reached: dict[str, torch.Tensor] | None = None  # weights at an exception
+        self._fitting = False  # between setup("fit") and the end of that fit
         self._sync_checked = False
         self._replicated = True
+        self._averaging: Any = None  # the WeightAveraging callback whose weights are validated
+
+    @property
+    def _sign(self) -> float:
+        return 1.0 if self.mode == "min" else -1.0
 
     @property
     @override
@@ -174,18 +210,25 @@ class EarlyStopping(_LightningEarlyStopping):
     # ----------------------------------------------------------------------------------- set-up
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._remove_restorer(trainer)  # left behind by a fit that raised
-        self._fitting = stage == "fit"
-        if stage != "fit" or not self.restore_best_weights:
+        if stage != "fit":
+            super().setup(trainer, pl_module, stage)
             return
-        self._replicated = isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
-        path = self._snapshot_path(trainer)
-        old = self._snapshot
-        if old is None or old.location != self.snapshot_to or old.path != path:
-            self._snapshot = StateSnapshot(self.snapshot_to, path)
-            if old is not None and not old.empty:  # e.g. loaded before this fit: move it over
-                self._snapshot.load_state_dict(old.state_dict())
+        self._reset_run_state()  # a resumed fit loads its checkpoint's state after `setup`
+        self._check_on_train_epoch_end = self._check_on_train_epoch_end_arg
+        callbacks = trainer_callbacks(trainer)
+        if self.restore_best_weights:
+            self._averaging = validated_averaging(callbacks, self._check_on_train_epoch_end_arg)
+            if self._averaging is not None:
+                self._check_on_train_epoch_end = False  # see `validated_averaging`
+        super().setup(trainer, pl_module, stage)
+        self._fitting = True
+        if not self.restore_best_weights:
+            return
+        self._replicated = is_replicated(trainer.strategy)
+        path = snapshot_file(trainer, self.snapshot_dir, self.monitor, self.mode)
+        self._snapshot = StateSnapshot(
+            self.snapshot_to, path if self.snapshot_to == "disk" else None
+        )
         if self.checkpoint_snapshot and not self._replicated:
             rank_zero_warn(
                 f"EarlyStopping: {type(trainer.strategy).__name__} shards the model, and a "
@@ -194,63 +237,26 @@ class EarlyStopping(_LightningEarlyStopping):
                 "resumed."
             )
         restoring = [
-            cb for cb in trainer_callbacks(trainer)
-            if isinstance(cb, EarlyStopping) and cb.restore_best_weights
-        ]  # fmt: skip
+            cb for cb in callbacks if isinstance(cb, EarlyStopping) and cb.restore_best_weights
+        ]
         if len(restoring) > 1 and restoring[0] is self:
             rank_zero_warn(
                 f"{len(restoring)} EarlyStopping callbacks restore best weights; the last one in "
                 "the callback list wins. Pass `restore_best_weights=False` to the others."
             )
 
-    def _snapshot_path(self, trainer: pl.Trainer) -> Path | None:
-        if self.snapshot_to != "disk":
-            return None
-        directory = Path(self.snapshot_dir or Path(trainer.default_root_dir) / "best_state")
-        tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.monitor}-{self.mode}")
-        return directory / f"{tag}.rank{trainer.global_rank}.pt"
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._remove_restorer(trainer)
-        self._fitting = False
-
-    # --------------------------------------------------------------------------------- restoring
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        self._queue_restore(trainer)
-
-    @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        super().on_exception(trainer, pl_module, exception)
-        if self.restore_on_exception:
-            self._queue_restore(trainer)
-        self._fitting = False  # `teardown` does not follow an exception
-
-    def _queue_restore(self, trainer: pl.Trainer) -> None:
-        """Append the restorer behind every callback, in the hook Lightning is dispatching.
-
-        Restoring must come after the checkpoint callbacks (Lightning runs them last), so that
-        ``last.ckpt`` and exception checkpoints keep the weights training reached. Lightning
-        iterates the live callback list, so a callback appended now runs in this same hook.
-        It is added only here, not in ``setup``, so it costs the per-step hooks nothing. Only a
-        fit that went through ``setup`` restores (not ``validate``/``test``, nor a fit that
-        failed before it started).
-        """
-        if not (self._fitting and self.restore_best_weights):
-            return
-        if self._restorer not in trainer_callbacks(trainer):
-            trainer_callbacks(trainer).append(self._restorer)
-
-    def _remove_restorer(self, trainer: pl.Trainer) -> None:
-        if self._restorer in trainer_callbacks(trainer):
-            trainer_callbacks(trainer).remove(self._restorer)
-
     # ---------------------------------------------------------------------------------- checking
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor.startswith("reg/") and not self._check_on_train_epoch_end:
+            # metrics of our evaluation callbacks exist once their pass ran: run it now if it is
+            # listed after us, so the callback order does not matter
+            for callback in trainer_callbacks(trainer):
+                evaluate = getattr(callback, "evaluate_after_validation", None)
+                if callable(evaluate) and type(callback).__module__.startswith("lightning_reg"):
+                    evaluate(trainer, pl_module)
+        super().on_validation_end(trainer, pl_module)
+
     @override
     def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
         logs = trainer.callback_metrics
@@ -259,7 +265,8 @@ class EarlyStopping(_LightningEarlyStopping):
             return
         current = logs[self.monitor].squeeze()
         if trainer.world_size > 1 and not self._sync_checked:
-            self._warn_if_not_synced(trainer, current)
+            self._sync_checked = True
+            warn_if_not_synced(trainer, self.monitor, current)
         if trainer.current_epoch < self.start_from_epoch:
             self._warm_up_check(trainer, current)
         else:
@@ -289,7 +296,15 @@ class EarlyStopping(_LightningEarlyStopping):
         self.best_epoch = trainer.current_epoch
         self.best_step = trainer.global_step
         if self._snapshot is not None:
-            self._snapshot.capture(trainer.lightning_module)
+            self._snapshot.capture(self._validated_module(trainer))
+
+    def _validated_module(self, trainer: pl.Trainer) -> nn.Module:
+        """The module whose tensors the last validation scored."""
+        if self._averaging is not None:
+            averaged = averaged_module(self._averaging)
+            if averaged is not None:
+                return averaged
+        return trainer.lightning_module
 
     def _is_better(self, value: float) -> bool:
         # Lightning stores min_delta with the sign that makes `op(current - min_delta, best)` work
@@ -301,20 +316,6 @@ class EarlyStopping(_LightningEarlyStopping):
         if threshold is None:
             return False
         return value > threshold if self.mode == "min" else value < threshold
-
-    def _warn_if_not_synced(self, trainer: pl.Trainer, current: torch.Tensor) -> None:
-        self._sync_checked = True
-        gathered = trainer.strategy.all_gather(current.detach().float().reshape(1))
-        values = gathered.flatten()
-        same = bool(torch.all(values == values[0])) or bool(torch.all(torch.isnan(values)))
-        if not same:
-            rank_zero_warn(
-                f"EarlyStopping: `{self.monitor}` differs across ranks ({values.tolist()}), so "
-                "each rank judges improvement on its own data. Log it with "
-                f"`self.log('{self.monitor}', ..., sync_dist=True)` or use a torchmetrics metric"
-                " so every rank sees the same value. Until then a snapshot is taken only when"
-                " every rank sees an improvement."
-            )
 
     def _log_state(self, trainer: pl.Trainer) -> None:
         metrics: dict[str, float] = {"reg/early_stopping/wait": float(self.wait_count)}
@@ -332,7 +333,40 @@ class EarlyStopping(_LightningEarlyStopping):
                 logger.log_metrics(metrics, step=trainer.global_step)
 
     # --------------------------------------------------------------------------------- restoring
-    def _restore(self, trainer: pl.Trainer, why: str) -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every `on_train_end` (checkpoint callbacks save what training reached, weight
+        # averaging copies its average in) and after the strategy's teardown.
+        if self._fitting:
+            stopped = trainer.should_stop and self.stopping_reason_message is not None
+            self._restore(pl_module, "after early stopping" if stopped else "at the end of fit")
+        self._end_fit()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        if self._fitting and self.restore_on_exception and self._has_snapshot():
+            savers = checkpoint_savers_after(trainer_callbacks(trainer), self)
+            if savers and not self._replicated:
+                rank_zero_warn(
+                    f"EarlyStopping: not restoring the best weights after "
+                    f"{type(exception).__name__}: {type(savers[0]).__name__} saves a checkpoint "
+                    f"after this callback, and under {type(trainer.strategy).__name__} its "
+                    "weights cannot be told apart from the restored ones."
+                )
+            else:
+                if savers:  # they must still save the weights training reached
+                    self._reached = host_copy(pl_module)
+                    self._snapshot = held_in_memory(self._snapshot)  # the file goes below
+                self._restore(pl_module, f"after {type(exception).__name__}")
+        self._end_fit()  # Lightning calls neither `on_fit_end` nor `teardown` after an exception
+
+    def _has_snapshot(self) -> bool:
+        return self._snapshot is not None and not self._snapshot.empty
+
+    def _restore(self, module: nn.Module, why: str) -> None:
         if not self.restore_best_weights or self._snapshot is None:
             return
         if self._snapshot.empty:
@@ -341,11 +375,17 @@ class EarlyStopping(_LightningEarlyStopping):
                 "improved on a finite value; the model keeps its last weights."
             )
             return
-        self._snapshot.restore(trainer.lightning_module)
+        self._snapshot.restore(module)
         rank_zero_info(
             f"Restored best weights from epoch {self.best_epoch} "
             f"({self.monitor}={self.best_value:.4f}) {why}."
         )
+
+    def _end_fit(self) -> None:
+        self._fitting = False
+        self._averaging = None
+        if self._snapshot is not None and self._snapshot.location == "disk":
+            self._snapshot.clear()  # deletes this fit's file
 
     # ----------------------------------------------------------------------------------- state
     @override
@@ -354,85 +394,43 @@ class EarlyStopping(_LightningEarlyStopping):
         state.update(
             best_value=self.best_value, best_epoch=self.best_epoch, best_step=self.best_step
         )
-        if self.checkpoint_snapshot and self._replicated and self._snapshot is not None:
-            state["snapshot"] = self._snapshot.state_dict()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        snapshot = state_dict.get("snapshot") or {}
-        if "best_epoch" not in state_dict or not snapshot:
-            # A checkpoint from Lightning's EarlyStopping, or one without the copy: the best state
-            # is tracked afresh from here; Lightning's counters above carry on.
-            return
+        if "snapshot" in state_dict:  # written by lightning-reg 0.1 inside the callback state
+            self._load_snapshot(state_dict["snapshot"])
+        if "best_epoch" not in state_dict:
+            return  # a checkpoint of Lightning's EarlyStopping: the best state is tracked afresh
+        if self.restore_best_weights and not self._has_snapshot():
+            return  # saved without the copy: tracked afresh from here; Lightning's counters go on
         self.best_value = float(state_dict["best_value"])
         self.best_epoch = int(state_dict["best_epoch"])
         self.best_step = int(state_dict["best_step"])
-        if self.restore_best_weights:
-            if self._snapshot is None:  # loaded outside `fit`: keep it in memory until `setup`
-                self._snapshot = StateSnapshot("cpu")
-            self._snapshot.load_state_dict(snapshot)
-
-
-class _RestoreAfterCheckpoints(Callback):
-    """Runs the restore after the checkpoint callbacks (appended behind them at the end)."""
-
-    def __init__(self, owner: EarlyStopping) -> None:
-        self.owner = owner
-        self._state_key = f"{type(self).__qualname__}[{owner.state_key}]"
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._state_key
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stopped = trainer.should_stop and self.owner.stopping_reason_message is not None
-        why = "after early stopping" if stopped else "at the end of training"
-        self.owner._restore(trainer, why)
-
-    @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self.owner.restore_on_exception:
-            self.owner._restore(trainer, f"after {type(exception).__name__}")
+        if self._reached is not None:  # saved after an exception restored the best weights
+            put_back_reached_weights(checkpoint, pl_module, self._reached)
+        if self.checkpoint_snapshot and self._replicated and self._has_snapshot():
+            assert self._snapshot is not None
+            snapshots = checkpoint.setdefault(CHECKPOINT_KEY, {})
+            snapshots[self.state_key] = self._snapshot.state_dict()
 
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        snapshot = checkpoint.get(CHECKPOINT_KEY, {}).get(self.state_key)
+        if snapshot:
+            self._load_snapshot(snapshot)
 
-def _validate_arguments(
-    monitor: str, min_delta: float, patience: int, mode: str,
-    stopping_threshold: float | None, divergence_threshold: float | None,
-    snapshot_to: str, start_from_epoch: int, baseline: float | None,
-) -> None:  # fmt: skip
-    if not isinstance(monitor, str) or not monitor:
-        raise ValueError(f"`monitor` must be a logged metric's name, got {monitor!r}.")
-    if min_delta < 0:
-        raise ValueError(
-            f"`min_delta` must be >= 0, got {min_delta}; `mode` already says which direction "
-            "counts as an improvement."
-        )
-    if not isinstance(patience, int) or patience < 0:
-        raise ValueError(f"`patience` must be an integer >= 0 (checks), got {patience!r}.")
-    if snapshot_to not in SNAPSHOT_LOCATIONS:
-        raise ValueError(
-            f"`snapshot_to` must be one of {', '.join(map(repr, SNAPSHOT_LOCATIONS))}, "
-            f"got {snapshot_to!r}."
-        )
-    if not isinstance(start_from_epoch, int) or start_from_epoch < 0:
-        raise ValueError(f"`start_from_epoch` must be an integer >= 0, got {start_from_epoch!r}.")
-    if baseline is not None and not math.isfinite(baseline):
-        raise ValueError(f"`baseline` must be a finite number, got {baseline!r}.")
-    if stopping_threshold is not None and divergence_threshold is not None:
-        wrong_way = (
-            stopping_threshold >= divergence_threshold
-            if mode == "min"
-            else stopping_threshold <= divergence_threshold
-        )
-        if wrong_way:
-            raise ValueError(
-                f"With mode={mode!r}, `stopping_threshold` ({stopping_threshold}) must be "
-                f"{'below' if mode == 'min' else 'above'} `divergence_threshold` "
-                f"({divergence_threshold}); did you swap them?"
-            )
+    def _load_snapshot(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not (self.restore_best_weights and tensors):
+            return
+        if self._snapshot is None:  # loaded outside `fit`
+            self._snapshot = StateSnapshot("cpu")
+        self._snapshot.load_state_dict(tensors)

@@ -215,31 +215,57 @@ def test_every_snapshot_location_restores_the_same_state(tmp_path, location):
     model = scripted([5, 1, 2, 3])
     es = EarlyStopping("val_loss", patience=10, snapshot_to=location, snapshot_dir=tmp_path / "s")
     rec = StateRecorder()
-    fit(tmp_path, model, [es, rec], max_epochs=4)
+    files = FilesDuringFit(tmp_path / "s")
+    fit(tmp_path, model, [es, rec, files], max_epochs=4)
     assert same_state(model.state_dict(), rec.states[1])
-    assert list((tmp_path / "s").glob("*.pt")) if location == "disk" else True
+    if location == "disk":  # one file for this fit, unique to it, deleted when fit ends
+        assert len(files.seen) == 1 and ".rank0.pt" in files.seen.pop()
+    assert not list((tmp_path / "s").glob("*.pt"))
 
 
-class CallbacksDuringSteps(pl.Callback):
+class FilesDuringFit(pl.Callback):
+    def __init__(self, directory):
+        self.directory, self.seen = directory, set()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen |= {p.name for p in self.directory.glob("*.pt")}
+
+
+def test_two_disk_runs_in_one_folder_do_not_share_a_file(tmp_path):
+    seen = []
+    for _ in range(2):
+        files = FilesDuringFit(tmp_path / "best_state")
+        es = EarlyStopping("val_loss", patience=10, snapshot_to="disk")
+        fit(tmp_path, scripted([5, 1, 2]), [es, files], max_epochs=3)
+        seen.append(files.seen)
+    assert len(seen[0]) == len(seen[1]) == 1 and seen[0] != seen[1]
+    assert not list((tmp_path / "best_state").glob("*.pt"))
+
+
+class CallbacksDuringFit(pl.Callback):
     def __init__(self):
-        self.counts = set()
+        self.lists = []
 
     def on_train_batch_end(self, trainer, *args):
-        self.counts.add(len(trainer.callbacks))
+        self.lists.append(list(trainer.callbacks))
+
+    def on_train_end(self, trainer, pl_module):
+        self.lists.append(list(trainer.callbacks))
 
 
-def test_restorer_runs_after_checkpoints_only_at_the_end(tmp_path):
+def test_restore_runs_after_checkpoints_at_the_end_of_fit(tmp_path):
     model = scripted([5, 1, 2, 3])
     es, rec = EarlyStopping("val_loss", patience=10), StateRecorder()
-    during = CallbacksDuringSteps()
+    during = CallbacksDuringFit()
     # save_top_k=0: no epoch-end save, so ModelCheckpoint writes last.ckpt in on_train_end
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=0, save_last=True)
     trainer = fit(tmp_path, model, [es, rec, during, ckpt], max_epochs=4, enable_checkpointing=True)
     last = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
     assert same_state(last["state_dict"], rec.states[3])  # what training reached, not the best
     assert same_state(model.state_dict(), rec.states[1])
-    # the helper callback is not dispatched the per-step hooks, and is taken out again
-    assert during.counts == {len(trainer.callbacks)} and trainer.callbacks[-1] is ckpt
+    # nothing was added to the callback list to get there
+    assert all(seen == list(trainer.callbacks) for seen in during.lists)
+    assert trainer.callbacks[-1] is ckpt
 
 
 def test_exception_checkpoint_holds_the_crash_time_weights(tmp_path):
@@ -381,4 +407,5 @@ def test_checkpoint_loads_weights_only_and_holds_the_snapshot(tmp_path):
     checkpoint = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
     state = checkpoint["callbacks"][es.state_key]
     assert state["best_epoch"] == 1 and state["best_value"] == 1.0
-    assert same_state(state["snapshot"], rec.states[1])
+    assert not any(isinstance(v, dict) for v in state.values())  # the copy has its own key
+    assert same_state(checkpoint["lightning_reg_best_state"][es.state_key], rec.states[1])

@@ -222,7 +222,7 @@ def test_ddp_last_checkpoint_loads_weights_only_and_holds_snapshot(tmp_path):
     assert saved["best_epoch"] == best
     assert saved["best_value"] == r0["best_value"]
     # The snapshot in the checkpoint is the best epoch's weights...
-    snapshot = saved["snapshot"]
+    snapshot = ckpt["lightning_reg_best_state"][es.state_key]
     assert _equal(snapshot, r0["states"][best])
     # ...while its model weights are those training reached: with save_top_k=0, last.ckpt is
     # written by ModelCheckpoint.on_train_end, which must run before the restore.

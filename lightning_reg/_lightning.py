@@ -1,0 +1,104 @@
+"""Recognise Lightning's classes by name: `lightning.pytorch` and `pytorch_lightning` alike.
+
+The two packages ship the same classes under two module paths; an ``isinstance`` check against one
+silently fails for users of the other. These helpers look at a class's MRO (name and package) so
+one code base serves both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+_PACKAGES = ("lightning.pytorch.", "pytorch_lightning.")
+# Strategies whose every rank holds the whole model (the snapshot of rank 0 is the model's).
+_REPLICATED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy", "SingleDeviceXLAStrategy")
+
+
+def is_lightning_class(obj: Any, *names: str) -> bool:
+    """Whether ``obj``'s class is (or derives from) one of Lightning's classes ``names``."""
+    return any(
+        cls.__name__ in names and cls.__module__.startswith(_PACKAGES) for cls in type(obj).__mro__
+    )
+
+
+def is_replicated(strategy: Any) -> bool:
+    """Whether every rank holds the whole model (single device, DDP), as opposed to sharded."""
+    if is_lightning_class(strategy, "FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"):
+        return False
+    return is_lightning_class(strategy, *_REPLICATED_STRATEGIES)
+
+
+def averaging_callbacks(callbacks: list[Any]) -> list[Any]:
+    """Lightning's ``WeightAveraging`` callbacks (``EMAWeightAveraging`` included) in the list."""
+    return [cb for cb in callbacks if is_lightning_class(cb, "WeightAveraging")]
+
+
+def swa_callbacks(callbacks: list[Any]) -> list[Any]:
+    """Lightning's ``StochasticWeightAveraging`` callbacks in the list."""
+    return [cb for cb in callbacks if is_lightning_class(cb, "StochasticWeightAveraging")]
+
+
+def averaged_module(callback: Any) -> nn.Module | None:
+    """The module ``WeightAveraging`` validates with: its averaged copy (``None`` before setup).
+
+    Lightning keeps it in the private ``_average_model`` (an ``AveragedModel`` whose ``module``
+    is a deep copy of the LightningModule) and swaps its tensors into the LightningModule from
+    ``on_validation_epoch_start`` to ``on_validation_epoch_end``.
+
+    Raises:
+        RuntimeError: if the Lightning version keeps it elsewhere (the combination is unsupported
+            rather than silently wrong).
+    """
+    if not hasattr(callback, "_average_model"):
+        raise RuntimeError(
+            f"EarlyStopping cannot find the averaged model of {type(callback).__name__} in this "
+            "Lightning version, so it cannot snapshot the weights that were validated. Pass "
+            "`restore_best_weights=False`, or use lightning>=2.6,<2.7."
+        )
+    averaged = callback._average_model
+    return None if averaged is None else averaged.module
+
+
+def checkpoint_savers_after(callbacks: list[Any], owner: Any) -> list[Any]:
+    """Checkpoint callbacks after ``owner`` in the list that save when ``fit`` raises."""
+    if owner not in callbacks:
+        return []
+    later = callbacks[callbacks.index(owner) + 1 :]
+    return [
+        cb for cb in later
+        if is_lightning_class(cb, "Checkpoint") and _saves_on_exception(cb)
+    ]  # fmt: skip
+
+
+def _saves_on_exception(callback: Any) -> bool:
+    if is_lightning_class(callback, "ModelCheckpoint"):
+        return bool(getattr(callback, "save_on_exception", False)) or _overrides_on_exception(
+            callback, "ModelCheckpoint"
+        )
+    return _overrides_on_exception(callback, "Checkpoint")
+
+
+def _overrides_on_exception(callback: Any, base: str) -> bool:
+    for cls in type(callback).__mro__:
+        if cls.__name__ == base and cls.__module__.startswith(_PACKAGES):
+            return False
+        if "on_exception" in vars(cls):
+            return True
+    return False
+
+
+def alias_names(module: nn.Module) -> dict[str, str]:
+    """Every ``state_dict`` key of ``module`` mapped to the name its tensor has in the snapshot.
+
+    Tied tensors appear in ``state_dict`` under each of their names but once in the snapshot.
+    """
+    canonical: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for name, tensor in [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]:
+        canonical[name] = first.setdefault(id(tensor), name)
+    return canonical
