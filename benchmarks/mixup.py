@@ -1,4 +1,4 @@
-"""What mixing one batch with ``lightning_reg.mixup`` costs, against the cheapest possible mix.
+"""What mixing one batch with ``lightning_reg`` costs, against the cheapest possible mix.
 
 ``Mixup`` draws a plan for each training batch on the host (``draw_mix_plan``: partners,
 coefficients, CutMix boxes), mixes the inputs with it (``mix_inputs``) and turns the integer
@@ -16,7 +16,10 @@ run and on one CPU batch ``x`` of shape 256x3x32x32 float32 with integer targets
 3. per-element mode (``mode="elem"``, one coefficient per sample), mixup only, and mixup+CutMix
    (``cutmix_alpha=1.0, switch_prob=0.5``);
 4. batch CutMix (``cutmix_alpha=1.0, mixup_alpha=0``, one box per batch);
-5. a plain per-sample Python loop, ``out[i] = lam[i] * x[i] + (1 - lam[i]) * x[perm[i]]``: what
+5. the callback's hook, ``Mixup.on_train_batch_start`` on a ``[x, y]`` list batch in batch mode
+   (plan from the current block, input mixing, soft targets, entries replaced in place): the
+   per-step work of the ``Mixup`` callback itself, outside a Trainer (a stub stands in for it);
+6. a plain per-sample Python loop, ``out[i] = lam[i] * x[i] + (1 - lam[i]) * x[perm[i]]``: what
    per-element mixup costs when it is not vectorised.
 
 Each mode of our package is timed twice: the input mixing alone, ``mix_inputs(x, plan)``, cycling
@@ -66,13 +69,15 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_reg.mixup import MixPlan, draw_mix_plan, mix_inputs, mixup_batch
+from lightning_reg import Mixup
+from lightning_reg.mixing import MixPlan, draw_mix_plan, mix_inputs, mixup_batch
 
 N, CHANNELS, SIZE, CLASSES, SMOOTHING = 256, 3, 32, 10, 0.1
 WARMUP, ROUNDS = 20, 500
@@ -83,6 +88,7 @@ ELEM_GOAL = 2.0  # per-element mixup mix_inputs / floor: at most this
 NOISY = 2.0  # flag variants whose median exceeds their minimum by more than this factor
 
 FLOOR = "floor: x.index_select(0, perm).lerp_(x, lam)"
+HOOK = "batch mixup: Mixup.on_train_batch_start, [x, y] list"
 LOOP = "python loop, elem mixup"
 MIX, ALL_IN = "mix_inputs", "draw+mix+targets"
 
@@ -259,12 +265,33 @@ def generator_variant() -> dict[str, Variant]:
     }
 
 
+def hook_variant(x: Tensor, y: Tensor) -> dict[str, Variant]:
+    mix = Mixup(1.0, label_smoothing=SMOOTHING, num_classes=CLASSES, seed=7)
+    mix.reset()  # what setup(stage="fit") does
+    trainer: Any = SimpleNamespace(global_rank=0, current_epoch=0)  # what the hook reads
+    pl_module: Any = None
+
+    def hook() -> list[Tensor]:
+        batch = [x, y]
+        mix.on_train_batch_start(trainer, pl_module, batch, 0)
+        return batch
+
+    def check() -> str:
+        batch = hook()
+        plan = mix.current_plan
+        assert plan is not None
+        inputs = compare(batch[0], reference_inputs(x, plan), "inputs == reference")
+        return f"{inputs}, {compare(batch[1], reference_targets(y, plan), 'targets == reference')}"
+
+    return {HOOK: Variant(hook, check)}
+
+
 def all_variants(x: Tensor, y: Tensor) -> dict[str, Variant]:
     variants = floor_variants(x)
     for seed, mode in enumerate(MODES, start=1):
         variants |= mode_variants(x, y, mode, seed)
     elem_seed = MODES.index(ELEM) + 1  # the loop mixes with the same plans as elem mix_inputs
-    return variants | loop_variant(x, elem_seed) | generator_variant()
+    return variants | hook_variant(x, y) | loop_variant(x, elem_seed) | generator_variant()
 
 
 # -------------------------------------------------------------------------------------- timing
@@ -348,6 +375,9 @@ def goal_checks(medians: dict[str, float]) -> None:
         ratio = medians[mode.key(ALL_IN)] / floor
         over = medians[mode.key(ALL_IN)] - medians[mode.key(MIX)]
         print(f"  {mode.label} all-in / floor = {ratio:.2f}x  (draw + targets add {over:.0f} us)")
+    hook, over = medians[HOOK] / floor, medians[HOOK] - medians[BATCH.key(MIX)]
+    print(f"  Mixup hook (batch mode, list batch) / floor = {hook:.2f}x  (adds {over:.0f} us "
+          "to batch mix_inputs)")  # fmt: skip
     loop = medians[LOOP] / medians[ELEM.key(MIX)]
     print(f"  python loop / elem mix_inputs = {loop:.0f}x")
 

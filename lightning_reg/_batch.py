@@ -173,6 +173,7 @@ class TrainBatchTransform(Callback):
         self.adapter = adapter
         self._plan: MixPlan | None = None
         self._columns: int | None = None  # columns of the soft targets of the last batch
+        self._labels = False  # whether the last batch's targets were class indices
 
     @property
     def current_plan(self) -> MixPlan | None:
@@ -190,7 +191,7 @@ class TrainBatchTransform(Callback):
 
         Called in ``setup(stage="fit")``, before a resumed fit loads its checkpoint state.
         """
-        self._plan, self._columns = None, None
+        self._plan, self._columns, self._labels = None, None, False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -223,26 +224,27 @@ class TrainBatchTransform(Callback):
     def _check(self, inputs: Tensor, targets: Tensor) -> None:
         """Refuse targets that cannot become probability rows (shapes and dtypes only: no sync)."""
         name, classes = type(self).__name__, self.num_classes
-        if targets.is_floating_point():
+        labels = not targets.is_floating_point()
+        if labels:
+            if classes is None:
+                raise ValueError(
+                    f"{name} got integer class targets but no `num_classes`; it needs it to "
+                    f"turn them into probability rows: pass `{name}(..., num_classes=C)`."
+                )
+            columns: int | None = classes
+        else:
             columns = targets.shape[-1] if targets.ndim == 2 else None
             if classes is not None and columns is not None and columns != classes:
                 raise ValueError(
                     f"{name} got soft targets with {columns} columns but num_classes={classes}. "
                     "Set `num_classes=` to the number of classes of your data and model."
                 )
-        else:
-            if classes is None:
-                raise ValueError(
-                    f"{name} got integer class targets but no `num_classes`; it needs it to "
-                    f"turn them into probability rows: pass `{name}(..., num_classes=C)`."
-                )
-            columns = classes
         if targets.ndim == 0 or targets.shape[0] != inputs.shape[0]:
             raise ValueError(
                 f"{name} got {tuple(inputs.shape)} inputs and {tuple(targets.shape)} targets; "
                 "it needs one target per sample. Check `input_key=`/`target_key=`."
             )
-        self._columns = columns
+        self._columns, self._labels = columns, labels
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -278,29 +280,28 @@ class TrainBatchTransform(Callback):
         if columns is None or not isinstance(exception, RuntimeError | ValueError | IndexError):
             return None
         message, name = str(exception), type(self).__name__
-        if any(part in message for part in _SHAPE_MESSAGES):
+        width = _WIDTH_MESSAGES if str(columns) in message else ()  # sizes that name our width
+        if any(part in message for part in (*_SHAPE_MESSAGES, *width)):
             return (
                 f"lightning-reg: {name} replaced the training targets with probability rows of "
                 f"shape (N, {columns}) (num_classes={columns}). If the model outputs another "
                 "number of classes, set `num_classes=` to it; if the loss needs class indices, "
                 "pass `keep_targets=True` and use `RegularizedModule.cross_entropy`."
             )
-        if any(part in message for part in _INDEX_MESSAGES):
+        if self._labels and _DEVICE_ASSERT in message:
             return (
                 f"lightning-reg: {name} turns class indices into rows of num_classes={columns} "
-                f"columns; a label outside [0, {columns}) gives this error on the device. Set "
-                "`num_classes=` to the number of classes of your data and model."
+                f"columns on the device, where a label outside [0, {columns}) trips a "
+                "device-side assert (the range is not checked on the host, which would "
+                "synchronise). If that is the cause, set `num_classes=` to the number of classes "
+                "of your data and model (run on CPU to get the failing label named)."
             )
         return None
 
 
-# what PyTorch's losses say when given probability rows of the wrong width
-_SHAPE_MESSAGES = (
-    "multi-target not supported",
-    "target size",
-    "different to the input size",
-    "must match the size",
-    "Expected input batch_size",
-)
-# what an out-of-range class index gives on CUDA (asynchronously) or in an index op
-_INDEX_MESSAGES = ("device-side assert", "out of bounds", "index out of range")
+# what F.cross_entropy / nn.CrossEntropyLoss say when given probability rows of the wrong width
+_SHAPE_MESSAGES = ("multi-target not supported",)
+# what other losses say about a width mismatch (only used when the message names our width)
+_WIDTH_MESSAGES = ("target size", "different to the input size", "must match the size")
+# what an out-of-range class index gives on CUDA, at the next synchronisation
+_DEVICE_ASSERT = "device-side assert"

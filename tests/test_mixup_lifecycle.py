@@ -261,3 +261,31 @@ def test_the_hook_called_by_hand_matches_the_functional_twin(tmp_path):
     assert batch[0] is not x and torch.equal(batch[0], mix_inputs(x, plan))
     assert torch.allclose(batch[1], plan.targets(y))
     assert isinstance(plan.perm, np.ndarray) and plan.perm.shape == (8,)
+
+
+class SoftLossWideNet(WideNet):
+    """A hand-written soft-target loss: the width mismatch is a broadcasting error."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return -(y * F.log_softmax(self(x), dim=1)).sum(1).mean()
+
+
+def test_a_hand_written_soft_loss_with_another_width_gets_a_note(tmp_path):
+    with pytest.raises(RuntimeError, match="must match the size") as info:
+        fit(tmp_path, SoftLossWideNet(), [Mixup(0.4, num_classes=4)], max_epochs=1)
+    assert "num_classes=4" in "\n".join(getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("labels", [True, False])
+def test_a_device_side_assert_after_integer_labels_gets_a_note(tmp_path, labels):
+    """What CUDA reports for an out-of-range label, at the next synchronisation."""
+    mix = Mixup(0.4, num_classes=4)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[mix]))
+    mix.reset()
+    y = torch.tensor([0, 1, 2, 3]) if labels else torch.full((4, 4), 0.25)
+    mix.on_train_batch_start(trainer, None, [torch.randn(4, 3, 8, 8), y], 0)
+    error = RuntimeError("CUDA error: device-side assert triggered")
+    mix.on_exception(trainer, None, error)
+    notes = "\n".join(getattr(error, "__notes__", []))
+    assert ("outside [0, 4)" in notes) is labels
