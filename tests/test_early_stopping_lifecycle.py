@@ -184,3 +184,27 @@ def test_checkpoint_state_compares_equal_to_state_dict_at_save_time(tmp_path):
     fit(tmp_path / "r", TinyClassifier(), [resumed], ckpt_path=ckpt.kth_best_model_path,
         max_epochs=5)  # fmt: skip
     assert resumed.seen_at_start == saved
+
+
+# ------------------------------------------------------------------ monitoring our own metrics
+class GapRecorder(pl.Callback):
+    """Records ``reg/gap/loss`` as every callback sees it after each mid-epoch validation."""
+
+    def __init__(self):
+        self.values = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.values.append(float(trainer.callback_metrics["reg/gap/loss"]))
+
+
+@pytest.mark.parametrize("order", ["es-first", "gap-first"])
+def test_monitoring_the_gap_mid_epoch_does_not_depend_on_the_callback_order(tmp_path, order):
+    from lightning_reg import GeneralizationGapMonitor
+
+    es = EarlyStopping("reg/gap/loss", patience=100)
+    gap, seen = GeneralizationGapMonitor(subset_size=64), GapRecorder()
+    callbacks = [es, gap, seen] if order == "es-first" else [gap, es, seen]
+    fit(tmp_path, TinyClassifier(), callbacks, max_epochs=2, val_check_interval=0.5)
+    assert len(gap.history["val_loss"]["gap"]) == len(seen.values) == 4  # one pass each
+    assert es.best_value == min(seen.values)
