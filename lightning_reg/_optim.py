@@ -1,108 +1,172 @@
-"""Regroup optimizers that already exist, and keep their LR schedulers consistent.
+"""Regroup live optimizers and keep split-off groups in step with their source groups.
 
-Used by :class:`lightning_reg.WeightDecayExclusion`, which applies the regrouping to what the user's
-``configure_optimizers`` returns, before Lightning restores optimizer state from a checkpoint.
+The functional core of :class:`lightning_reg.WeightDecayExclusion` (no Lightning here). The layout
+it produces: the user's groups stay at their indices, as the same dict objects; the excluded
+parameters of each decayed group move to a new group with ``weight_decay=0`` appended at the end of
+``param_groups``, marked with the index of its source under :data:`SOURCE_KEY`. Schedulers that
+keep per-group lists of the original length (timm's, most hand-written ones, ``LambdaLR``) thus
+still drive the right groups, and :func:`follow_sources`, called before every optimizer step,
+copies each source group's hyperparameters into its split-off group, whatever changed them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
-# Scheduler attributes that hold one entry per param group (torch.optim.lr_scheduler).
+# Marks a split-off group with the index of the group it came from. A plain int, so it survives
+# `optimizer.state_dict()`, checkpoints loaded with `weights_only=True`, and Lightning's
+# `BaseFinetuning`, which stores and restores group settings itself.
+SOURCE_KEY = "no_decay_of"
+# What a split-off group keeps for itself; every other setting follows its source.
+OWN_KEYS = frozenset({"params", "param_names", "weight_decay", "name", SOURCE_KEY})
+
+# Scheduler attributes that hold one entry per param group and are read by group index
+# (torch.optim.lr_scheduler and look-alikes): they get an entry for every split-off group.
 _PER_GROUP_ATTRIBUTES = (
     "base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums",
 )  # fmt: skip
+_MISSING = object()
 
 
-def walk_optimizer_config(config: Any) -> Iterator[Any]:
-    """Yield every optimizer and scheduler object in a ``configure_optimizers`` return value."""
-    if isinstance(config, dict):
-        for value in config.values():
-            yield from walk_optimizer_config(value)
-    elif isinstance(config, list | tuple):
-        for value in config:
-            yield from walk_optimizer_config(value)
-    elif isinstance(config, torch.optim.Optimizer) or hasattr(config, "optimizer"):
-        yield config
+def is_decayed(group: dict[str, Any]) -> bool:
+    """Whether ``group`` applies weight decay (a tensor value counts as decayed: no host read)."""
+    decay = group.get("weight_decay", 0.0)
+    return isinstance(decay, Tensor) or bool(decay)
 
 
-def split_groups(optimizer: torch.optim.Optimizer, excluded: set[int]) -> list[int]:
-    """Split every decayed param group of ``optimizer`` in place into decay and no-decay groups.
+def split_groups(groups: list[dict[str, Any]], excluded: set[int]) -> list[int]:
+    """Move the excluded parameters of every decayed group of ``groups`` into appended groups.
+
+    Idempotent: a split-off group, a group without weight decay, or a group holding no excluded
+    parameter is left alone. A decayed group holding only excluded parameters gets
+    ``weight_decay=0`` in place instead of an empty twin.
 
     Args:
-        optimizer: the optimizer to regroup (its state, if any, stays keyed by parameter).
+        groups: an optimizer's ``param_groups``, edited in place (the existing group dicts are
+            kept, so references held by schedulers stay valid; optimizer state is keyed by
+            parameter and does not move).
         excluded: ``id()`` of the parameters that must not decay.
 
     Returns:
-        For each new group, the index of the group it came from.
+        For each appended group, in order, the index of its source group.
+
+    Example:
+        >>> import torch
+        >>> w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+        >>> sgd = torch.optim.SGD([{"params": [w, b], "name": "net"}], lr=0.1, weight_decay=0.1)
+        >>> split_groups(sgd.param_groups, {id(b)})
+        [0]
+        >>> [(g["name"], len(g["params"]), g["weight_decay"]) for g in sgd.param_groups]
+        [('net', 1, 0.1), ('net/no_decay', 1, 0.0)]
     """
-    new_groups: list[dict[str, Any]] = []
     origin: list[int] = []
-    for index, group in enumerate(optimizer.param_groups):
-        keep, drop = _partition(group, excluded) if group.get("weight_decay") else (group, None)
-        for part in (keep, drop):
-            if part is not None and part["params"]:
-                new_groups.append(part)
-                origin.append(index)
-    optimizer.param_groups[:] = new_groups
+    for index in range(len(groups)):
+        group = groups[index]
+        if SOURCE_KEY in group or not is_decayed(group):
+            continue
+        flags = [id(p) in excluded for p in group["params"]]
+        if not any(flags):
+            continue
+        if all(flags):
+            group["weight_decay"] = 0.0
+            continue
+        drop = dict(group, weight_decay=0.0)
+        drop[SOURCE_KEY] = index
+        for key in ("params", "param_names"):  # torch keeps names parallel to params when given
+            if key in group:
+                values = group[key]
+                group[key] = [v for v, out in zip(values, flags, strict=True) if not out]
+                drop[key] = [v for v, out in zip(values, flags, strict=True) if out]
+        if "name" in group:  # LearningRateMonitor needs distinct group names
+            drop["name"] = f"{group['name']}/no_decay"
+        groups.append(drop)
+        origin.append(index)
     return origin
 
 
-def _partition(group: dict[str, Any], excluded: set[int]) -> tuple[dict[str, Any], dict[str, Any]]:
-    flags = [id(p) in excluded for p in group["params"]]
-    keep, drop = dict(group), dict(group, weight_decay=0.0)
-    for key in ("params", "param_names"):  # torch keeps names parallel to params when given
-        if key in group:
-            keep[key] = [v for v, out in zip(group[key], flags, strict=True) if not out]
-            drop[key] = [v for v, out in zip(group[key], flags, strict=True) if out]
-    if "name" in group:  # LearningRateMonitor needs distinct group names
-        drop["name"] = f"{group['name']}/no_decay"
-    return keep, drop
+def extend_scheduler(scheduler: Any, optimizer: Any, origin: Sequence[int], old_count: int) -> None:
+    """Give ``scheduler``'s per-group lists an entry for every group appended by the split.
 
-
-def expand_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, origin: list[int]) -> None:
-    """Give ``scheduler``'s per-group lists one entry per new group of ``optimizer``.
-
-    ``origin[i]`` is the old group that new group ``i`` came from. Schedulers that keep their
-    per-group settings in the param groups themselves (OneCycleLR, the ``initial_lr`` of every
-    LRScheduler) need nothing: the split groups carry copies of those entries.
+    ``origin[i]`` is the source of the ``i``-th appended group; ``old_count`` the number of groups
+    before the split. Only lists of exactly ``old_count`` entries are extended (each new entry is
+    its source's), so a list indexed by group (``ReduceLROnPlateau.min_lrs``) does not run out,
+    while lists that are merely zipped with the groups would have been fine either way.
     """
     for child in getattr(scheduler, "_schedulers", ()):  # SequentialLR, ChainedScheduler
-        expand_scheduler(child, optimizer, origin)
-    if getattr(scheduler, "optimizer", None) is not optimizer:
+        extend_scheduler(child, optimizer, origin, old_count)
+    if getattr(scheduler, "optimizer", None) is not optimizer or not origin:
         return
-    old_count = max(origin) + 1 if origin else 0
     for attribute in _PER_GROUP_ATTRIBUTES:
         value = getattr(scheduler, attribute, None)
         if isinstance(value, list) and len(value) == old_count:
-            setattr(scheduler, attribute, [value[i] for i in origin])
+            setattr(scheduler, attribute, value + [value[i] for i in origin])
 
 
-class SplittingAddParamGroup:
-    """Stands in for ``optimizer.add_param_group``, splitting every added group the same way.
+class GroupLink:
+    """A split-off group, its source group, and the settings last copied between them."""
 
-    Lightning's fine-tuning callbacks (``BaseFinetuning.unfreeze_and_add_param_group``) add the
-    unfrozen parameters as a new group with the optimizer's default weight decay.
+    __slots__ = ("last", "source", "target")
+
+    def __init__(self, source: dict[str, Any], target: dict[str, Any]) -> None:
+        self.source, self.target = source, target
+        self.last: dict[str, Any] = {}
+
+
+def link_groups(groups: Sequence[dict[str, Any]]) -> list[GroupLink]:
+    """The (source, split-off) pairs of ``groups``, read from the :data:`SOURCE_KEY` marks.
+
+    Raises:
+        ValueError: if a mark does not point at an earlier, unmarked group.
     """
+    links: list[GroupLink] = []
+    for index, group in enumerate(groups):
+        source = group.get(SOURCE_KEY)
+        if source is None:
+            continue
+        if not (isinstance(source, int) and 0 <= source < index) or SOURCE_KEY in groups[source]:
+            raise ValueError(
+                f"param group {index} is marked as the no-decay part of group {source!r}, which "
+                "is not an earlier group of this optimizer; the param groups were reordered "
+                "after WeightDecayExclusion split them."
+            )
+        links.append(GroupLink(groups[source], group))
+    return links
 
-    def __init__(self, original: Callable[[dict[str, Any]], None], excluded: set[int]) -> None:
-        self.original = original
-        self.excluded = excluded
 
-    def __call__(self, param_group: dict[str, Any]) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        owner: torch.optim.Optimizer = self.original.__self__  # type: ignore[attr-defined]
-        decay = param_group.get("weight_decay", owner.defaults.get("weight_decay", 0.0))
-        group = dict(param_group, params=params)
-        if not decay or not any(id(p) in self.excluded for p in params):
-            self.original(group)
-            return
-        keep, drop = _partition(group, self.excluded)
-        for part in (keep, drop):
-            if part["params"]:
-                self.original(part)
+def follow_sources(links: Iterable[GroupLink]) -> None:
+    """Copy every setting of each source group into its split-off group (in place, host only).
+
+    All keys but :data:`OWN_KEYS` follow: ``lr``, momentum, betas, ``initial_lr``, OneCycleLR's
+    ``max_lr``... Values are shared, not copied: a tensor lr stays the same tensor object. A value
+    that changed on the split-off group alone since the last call (code that sets
+    ``param_groups[-1]["lr"]``, as Lightning's ``BackboneFinetuning`` does) is copied the other
+    way, so the pair follows whichever of the two was changed; when both changed, the source wins.
+    Values are compared by identity only, so this never reads a tensor.
+
+    Example:
+        >>> source, target = {"lr": 0.1, "weight_decay": 0.1}, {"lr": 0.1, "weight_decay": 0.0}
+        >>> links = [GroupLink(source, target)]
+        >>> source["lr"] = 0.05
+        >>> follow_sources(links)
+        >>> target
+        {'lr': 0.05, 'weight_decay': 0.0}
+        >>> target["lr"] = 0.2
+        >>> follow_sources(links)
+        >>> source
+        {'lr': 0.2, 'weight_decay': 0.1}
+    """
+    for link in links:
+        source, target, last = link.source, link.target, link.last
+        for key, value in source.items():
+            if key in OWN_KEYS:
+                continue
+            current = target.get(key, _MISSING)
+            if current is not value:
+                if value is last.get(key, _MISSING) and current is not _MISSING:
+                    source[key] = value = current  # only the split-off group was changed
+                else:
+                    target[key] = value
+            last[key] = value

@@ -147,12 +147,14 @@ def test_split_keeps_group_hyperparameters_and_names(tmp_path, caplog):
         trainer = fit(tmp_path, model, [callback, LearningRateMonitor()], max_epochs=1,
                       logger=CSVLogger(tmp_path))  # fmt: skip
     groups = trainer.optimizers[0].param_groups
-    assert [g["name"] for g in groups] == ["backbone", "backbone/no_decay", "head", "head/no_decay"]
-    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1, 0.0]
-    assert [g["lr"] for g in groups] == [0.05, 0.05, 0.025, 0.025]
+    # the user's groups keep their indices; their no-decay parts are appended, marked
+    assert [g["name"] for g in groups] == ["backbone", "head", "backbone/no_decay", "head/no_decay"]
+    assert [g.get("no_decay_of") for g in groups] == [None, None, 0, 1]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.1, 0.0, 0.0]
+    assert [g["lr"] for g in groups] == [0.05, 0.025, 0.05, 0.025]
     assert all(g["betas"] == (0.9, 0.999) for g in groups)
-    # tensors: backbone linear weight | its bias + LayerNorm; head weight + probe | rest
-    assert [len(g["params"]) for g in groups] == [1, 3, 2, 4]
+    # tensors: backbone linear weight; head weight + probe | its bias + LayerNorm; the rest
+    assert [len(g["params"]) for g in groups] == [1, 2, 3, 4]
     metrics = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
     assert "lr-AdamW/backbone/no_decay" in metrics and "lr-AdamW/head" in metrics
     # summary printed, numbers available programmatically
@@ -172,11 +174,28 @@ def test_two_callbacks_are_refused(tmp_path):
         fit(tmp_path, DecayProbe(), [WeightDecayExclusion(), WeightDecayExclusion()])
 
 
-def test_module_is_left_as_it_was_after_fit(tmp_path):
-    model = DecayProbe()
-    trainer = fit(tmp_path, model, [WeightDecayExclusion()], max_epochs=1)
-    assert "configure_optimizers" not in model.__dict__
-    assert "add_param_group" not in trainer.optimizers[0].__dict__
+class RecordsOptimizer(DecayProbe):
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        self.built = (optimizer, set(vars(optimizer)))
+        return optimizer
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["fit", "fit-raises"])
+def test_module_and_optimizer_are_left_as_they_were(tmp_path, crash):
+    model = RecordsOptimizer()
+    callback = WeightDecayExclusion()
+    callbacks = [callback, *([CrashAt(1)] if crash else [])]
+    if crash:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            fit(tmp_path, model, callbacks, max_epochs=2)
+    else:
+        fit(tmp_path, model, callbacks, max_epochs=2)
+    optimizer, attributes = model.built
+    assert set(vars(optimizer)) == attributes  # no method replaced, nothing added
+    assert "configure_optimizers" not in vars(model)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]  # it was split
+    assert callback._layouts == []  # the callback keeps no optimizer after fit
 
 
 def test_mixin_groups_and_callback_are_idempotent(tmp_path):
@@ -199,7 +218,7 @@ def test_schedulers_drive_split_groups_like_their_origin(tmp_path, scheduler, gr
     fit(tmp_path / "a", DecayProbe(scheduler=scheduler, grouped=grouped), [baseline], max_epochs=4)
     fit(tmp_path / "b", DecayProbe(scheduler=scheduler, grouped=grouped),
         [WeightDecayExclusion(), ours], max_epochs=4)  # fmt: skip
-    origin = [0, 0, 1, 1] if grouped else [0, 0]
+    origin = [0, 1, 0, 1] if grouped else [0, 0]
     expected = [[epoch[i] for i in origin] for epoch in baseline.lrs]
     assert len(ours.lrs) == len(expected)
     for got, want in zip(ours.lrs, expected, strict=True):
