@@ -272,7 +272,8 @@ class EarlyStopping(_LightningEarlyStopping):
         else:
             super()._run_early_stopping_check(trainer)
             self._track_best(trainer, float(current))
-        self._log_state(trainer)
+        if self._fitting:  # a check called by hand outside `fit` logs nothing
+            self._log_state(trainer)
 
     def _warm_up_check(self, trainer: pl.Trainer, current: torch.Tensor) -> None:
         """Before ``start_from_epoch`` only a non-finite value stops training."""

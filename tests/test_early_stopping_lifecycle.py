@@ -208,3 +208,12 @@ def test_monitoring_the_gap_mid_epoch_does_not_depend_on_the_callback_order(tmp_
     fit(tmp_path, TinyClassifier(), callbacks, max_epochs=2, val_check_interval=0.5)
     assert len(gap.history["val_loss"]["gap"]) == len(seen.values) == 4  # one pass each
     assert es.best_value == min(seen.values)
+
+
+def test_a_check_called_outside_fit_writes_no_logs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    es, trainer = EarlyStopping(monitor="foo"), pl.Trainer(default_root_dir=tmp_path)
+    trainer.callback_metrics["foo"] = torch.tensor([[[0.5]]])
+    es._run_early_stopping_check(trainer)
+    assert es.wait_count == 0 and float(es.best_score) == 0.5
+    assert not (tmp_path / "lightning_logs").exists()
