@@ -45,15 +45,23 @@ class _PassResults(_ResultCollection):
         super().__init__(training=False)
         self.wanted = wanted
         self.distributed = trainer.world_size > 1
-        self.reduce = trainer.strategy.reduce
+        self.strategy = trainer.strategy
 
     @override
     def log(self, fx: str, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         if not self.wanted(name):
             return
         # Each rank holds only its share of the subset: the value of the whole subset needs a sync.
-        kwargs.update(sync_dist=self.distributed, sync_dist_fn=self.reduce)
+        kwargs.update(sync_dist=self.distributed, sync_dist_fn=self._reduce)
         super().log(fx, name, value, *args, **kwargs)
+
+    def _reduce(self, tensor: Tensor, reduce_op: str | None = None, group: Any = None) -> Tensor:
+        # A mean is synced as (sum of value * batch size) / (sum of batch sizes). Lightning reduces
+        # both with op "mean", dividing by the world size: exact for the weighted sums, truncated
+        # for the integer count when ranks saw different numbers of samples (our shares differ by
+        # one). Summing both is exact.
+        op = "sum" if reduce_op in (None, "mean", "sum") else reduce_op
+        return self.strategy.reduce(tensor, group=group, reduce_op=op)
 
 
 def evaluate_like_validation(
