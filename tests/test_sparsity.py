@@ -160,3 +160,16 @@ def test_logging_defers_to_the_regularization_monitor(tmp_path):
 def test_invalid_arguments(kwargs, error):
     with pytest.raises(error):
         ProximalSparsity(**kwargs)
+
+
+def test_two_instances_keep_their_own_checkpoint_state(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    first, second = ProximalSparsity(l1=0.01), ProximalSparsity(l1=0.02, start_step=1000)
+    assert first.state_key != second.state_key
+    assert first.state_key == ProximalSparsity(l1=0.01).state_key  # built from the arguments
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    fit(tmp_path, Linear(), [first, second, ck], epochs=2, enable_checkpointing=True)
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["callbacks"]
+    assert saved[first.state_key] == first.state_dict()
+    assert saved[second.state_key] == second.state_dict()
