@@ -153,9 +153,11 @@ def fit(tmp_path, model: Scheduled, callbacks=()) -> pl.Trainer:
     return trainer
 
 
-def assert_split_groups_follow(records: list[list[dict[str, Any]]]) -> None:
+def assert_split_groups_follow(
+    records: list[list[dict[str, Any]]], steps: int = STEPS_PER_EPOCH * EPOCHS
+) -> None:
     """At every step, each ``x/no_decay`` group equals group ``x`` on every shared setting."""
-    assert len(records) == STEPS_PER_EPOCH * EPOCHS
+    assert len(records) == steps
     for step, groups in enumerate(records):
         by_name = {g["name"]: g for g in groups}
         split_off = [g for g in groups if g["name"].endswith("/no_decay")]
