@@ -14,8 +14,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from lightning_reg import LabelSmoothing, Mixup, RegularizedModule, draw_mix_plan, mix_inputs
-from lightning_reg import _plan_blocks
+from lightning_reg import (
+    LabelSmoothing,
+    Mixup,
+    RegularizedModule,
+    _plan_blocks,
+    draw_mix_plan,
+    mix_inputs,
+)
 from lightning_reg.mixup import MixPlan
 from tests.helpers import CountScalarReads, CrashAt, same_state, trainer_kwargs
 
