@@ -105,6 +105,30 @@ def extend_scheduler(scheduler: Any, optimizer: Any, origin: Sequence[int], old_
             setattr(scheduler, attribute, value + [value[i] for i in origin])
 
 
+def group_layout(groups: Sequence[dict[str, Any]]) -> list[tuple[int, Any]]:
+    """``(number of params, source mark)`` per group: what a checkpoint's layout must match."""
+    return [(len(g["params"]), g.get(SOURCE_KEY)) for g in groups]
+
+
+def saved_group_layouts(states: Any) -> list[list[tuple[int, Any]]] | None:
+    """:func:`group_layout` of each state in a checkpoint's ``optimizer_states``.
+
+    None unless every state is in torch's format (a list of groups with a ``params`` list each):
+    a sharded or otherwise custom format gives nothing to compare.
+    """
+    if not isinstance(states, list):
+        return None
+    layouts = []
+    for state in states:
+        groups = state.get("param_groups") if isinstance(state, dict) else None
+        if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+        ):
+            return None
+        layouts.append(group_layout(groups))
+    return layouts
+
+
 class GroupLink:
     """A split-off group, its source group, and the settings last copied between them."""
 

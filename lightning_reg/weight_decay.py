@@ -31,8 +31,10 @@ from lightning_reg._optim import (
     GroupLink,
     extend_scheduler,
     follow_sources,
+    group_layout,
     is_decayed,
     link_groups,
+    saved_group_layouts,
     split_groups,
 )
 from lightning_reg._utils import trainer_callbacks
@@ -422,7 +424,7 @@ class WeightDecayExclusion(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self._saved = _saved_layouts(checkpoint.get("optimizer_states"))
+        self._saved = saved_group_layouts(checkpoint.get("optimizer_states"))
         if self._layouts:  # strategies that restore after setup: the split is already done
             self._check_checkpoint(trainer)
 
@@ -436,6 +438,7 @@ class WeightDecayExclusion(Callback):
             if self.warn_coupled_l2 and (message := coupled_weight_decay_warning(optimizer)):
                 rank_zero_warn(message)
             groups = optimizer.param_groups
+            _check_known(split, groups, index)
             self.splits.append(_report(split, groups))
             old_count = len(groups)
             origin = split_groups(groups, _excluded(split))
@@ -535,7 +538,7 @@ class WeightDecayExclusion(Callback):
         for layout in self._layouts:
             if saved is None or layout.index >= len(saved):
                 continue
-            ours = _layout_of(layout.optimizer.param_groups)
+            ours = group_layout(layout.optimizer.param_groups)
             if ours == saved[layout.index]:
                 continue
             callbacks = trainer_callbacks(trainer)
@@ -573,23 +576,25 @@ def _excluded(split: WeightDecaySplit) -> set[int]:
     return {id(p) for _, p in split.no_decay}
 
 
-def _layout_of(groups: Sequence[dict[str, Any]]) -> list[tuple[int, Any]]:
-    return [(len(g["params"]), g.get(SOURCE_KEY)) for g in groups]
-
-
-def _saved_layouts(states: Any) -> list[list[tuple[int, Any]]] | None:
-    """Group layouts of a checkpoint's ``optimizer_states`` in torch's format, else None."""
-    if not isinstance(states, list):
-        return None
-    layouts = []
-    for state in states:
-        groups = state.get("param_groups") if isinstance(state, dict) else None
-        if not isinstance(groups, list) or not all(
-            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
-        ):
-            return None  # a sharded or otherwise custom format: nothing to compare
-        layouts.append(_layout_of(groups))
-    return layouts
+def _check_known(split: WeightDecaySplit, groups: Sequence[dict[str, Any]], index: int) -> None:
+    """Refuse, or warn about, decayed tensors that are not parameters of the module."""
+    known = {id(p) for _, p in split.decay + split.no_decay}
+    decayed = [p for g in groups if is_decayed(g) and SOURCE_KEY not in g for p in g["params"]]
+    unknown = sum(id(p) not in known for p in decayed)
+    if not unknown:
+        return
+    what = (
+        f"{unknown} of the {len(decayed)} decayed tensors of optimizer {index} are not parameters "
+        "of the LightningModule, so WeightDecayExclusion cannot tell whether they should decay"
+    )
+    if unknown == len(decayed):
+        raise RuntimeError(
+            f"{what}: none of them is. A strategy that flattens parameters before the optimizer "
+            "is built (DeepSpeed, FSDP without `use_orig_params=True`) leaves nothing to split "
+            "after setup; build the groups yourself with `lightning_reg.param_groups(self, "
+            "weight_decay)` in `configure_optimizers` and drop the callback."
+        )
+    rank_zero_warn(f"{what}; they keep the decay you configured.")
 
 
 def _is_finetuning(callback: Callback) -> bool:

@@ -285,3 +285,23 @@ def test_groups_added_by_base_finetuning_are_split(tmp_path):
         id(model.backbone[1].bias),
     }
     assert all(g["lr"] == 0.01 for g in added)
+
+
+class ForeignTensors(DecayProbe):
+    """An optimizer over copies of the parameters, as after a strategy flattened them."""
+
+    def __init__(self, all_foreign: bool) -> None:
+        super().__init__("adamw")
+        self.all_foreign = all_foreign
+
+    def configure_optimizers(self):
+        copies = [nn.Parameter(p.detach().clone()) for p in self.parameters()]
+        own = [] if self.all_foreign else list(self.parameters())
+        return torch.optim.AdamW([*own, *copies[:1]], lr=0.01, weight_decay=0.1)
+
+
+def test_optimizer_over_tensors_the_module_does_not_own_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match=r"none of them is.*lightning_reg\.param_groups"):
+        fit(tmp_path, ForeignTensors(all_foreign=True), [WeightDecayExclusion()], max_epochs=1)
+    with pytest.warns(UserWarning, match=r"1 of the 11 decayed tensors .* keep the decay"):
+        fit(tmp_path, ForeignTensors(all_foreign=False), [WeightDecayExclusion()], max_epochs=1)
