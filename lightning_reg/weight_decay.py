@@ -9,6 +9,11 @@ Method card:
     Suggested values: AdamW ``weight_decay`` 0.01-0.1 for transformers, SGD 1e-4-5e-4 for CNNs.
     When it hurts: decaying normalization gains and biases pulls them to zero, which fights the
     normalization and costs accuracy (Goyal et al. 2017; Loshchilov & Hutter 2019).
+    How it applies: call :func:`param_groups` in ``configure_optimizers``, or add the
+    :class:`WeightDecayExclusion` callback, which splits the groups of the optimizers Lightning
+    built at fit start and appends the no-decay parts. Split-off groups follow their source
+    group's hyperparameters at every optimizer step, whatever the scheduler (torch, timm, your
+    own): the callback copies them over right before each step.
 """
 
 from __future__ import annotations
@@ -343,7 +348,8 @@ class WeightDecayExclusion(Callback):
         RuntimeError: at ``setup``, if two ``WeightDecayExclusion`` callbacks are attached; at fit
             start, if the checkpoint being resumed holds a different param group layout than the
             split produced (for example a run written without this callback, or a
-            ``BaseFinetuning`` callback listed after this one).
+            ``BaseFinetuning`` callback listed after this one), or if none of an optimizer's
+            decayed tensors is a parameter of the module (flattened by DeepSpeed or FSDP).
 
     Example:
         >>> import torch
