@@ -223,3 +223,25 @@ def test_split_groups_follow_timm_cosine_with_warmup(tmp_path, scheduler):
 
 def test_manual_optimization_through_the_lightning_optimizer(tmp_path):
     check(tmp_path, "user", manual=True)
+
+
+def test_learning_rate_monitor_logs_the_followed_lr(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    pl.seed_everything(0, verbose=False)
+    callbacks = [WeightDecayExclusion(verbose=False), LearningRateMonitor("step")]
+    trainer = pl.Trainer(**trainer_kwargs(
+        tmp_path, callbacks=callbacks, max_epochs=EPOCHS, logger=CSVLogger(tmp_path),
+        log_every_n_steps=1,
+    ))  # fmt: skip
+    trainer.fit(Scheduled("user"), datamodule=BlobsDataModule(n_train=128, batch_size=32))
+    lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","), strict=True)) for line in lines[1:]]
+    logged = [r for r in rows if r.get("lr-AdamW/body")]
+    assert len(logged) == STEPS_PER_EPOCH * EPOCHS
+    for row in logged:
+        assert row["lr-AdamW/body/no_decay"] == row["lr-AdamW/body"]
+        assert row["lr-AdamW/head/no_decay"] == row["lr-AdamW/head"]
+    assert len({r["lr-AdamW/body"] for r in logged}) > 1
