@@ -475,7 +475,8 @@ def _verdict(ok: bool) -> str:
 
 # ----------------------------------------------------------------------------------- breakdown
 DISPATCH, TRANSFORM, STEP, OPTIMIZER = (
-    "callback dispatch, 6 per-step hooks", "batch transform (Mixup's on_after_batch_transfer)",
+    "callback dispatch, 6 per-step hooks (includes the transform)",
+    "batch transform (Mixup's on_train_batch_start)",
     "training_step (forward + loss)", "optimizer math (torch.optim.adam.adam, all groups)",
 )  # fmt: skip
 
@@ -485,7 +486,8 @@ def timers(spent: dict[str, float]) -> Iterator[None]:
     """Wrap the pieces of the per-step path with clocks that add to ``spent`` (seconds).
 
     Wraps Lightning's ``_call_callback_hooks`` (per-step hooks only), the hook through which
-    ``Mixup`` transforms training batches, and torch's functional ``adam`` (AdamW's math, called
+    ``Mixup`` transforms training batches (a per-step callback hook, so its time is also part
+    of the dispatch time), and torch's functional ``adam`` (AdamW's math, called
     once per param group). These are internals: a piece that is not found is left unwrapped.
     """
     import lightning.pytorch.trainer.call as call
@@ -508,7 +510,7 @@ def timers(spent: dict[str, float]) -> Iterator[None]:
     patches = [
         (call, "_call_callback_hooks", DISPATCH, lambda _, hook, *a: hook in PER_STEP_HOOKS),
         (adam_module, "adam", OPTIMIZER, lambda *a: True),
-        (batch_module._TransformingHook, "__call__", TRANSFORM, lambda *a: True),
+        (batch_module.TrainBatchTransform, "on_train_batch_start", TRANSFORM, lambda *a: True),
     ]
     saved = []
     for owner, attribute, name, when in patches:

@@ -47,7 +47,7 @@ def get_xy(batch):
 
 
 def set_xy(batch, x, y):
-    return {**batch, "x": x, "y": y}
+    batch["x"], batch["y"] = x, y  # in place, as `set_batch` must
 
 
 def _callback(yaml_text: str) -> Callback:
