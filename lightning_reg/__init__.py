@@ -14,12 +14,12 @@ from lightning_reg.monitor import RegularizationMonitor, decay_metrics, weight_s
 from lightning_reg.privacy import MembershipInferenceAudit, loss_attack_metrics
 from lightning_reg.sparsity import ProximalSparsity, prox_elastic_net, prox_group_lasso, prox_l1
 from lightning_reg.weight_decay import (
-    WeightDecayExclusion,
     WeightDecaySplit,
     coupled_weight_decay_warning,
     param_groups,
     split_parameters,
 )
+from lightning_reg.weight_decay_exclusion import WeightDecayExclusion
 
 __version__ = "0.1.0"
 

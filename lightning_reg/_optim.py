@@ -168,7 +168,8 @@ def follow_sources(links: Iterable[GroupLink]) -> None:
     that changed on the split-off group alone since the last call (code that sets
     ``param_groups[-1]["lr"]``, as Lightning's ``BackboneFinetuning`` does) is copied the other
     way, so the pair follows whichever of the two was changed; when both changed, the source wins.
-    Values are compared by identity only, so this never reads a tensor.
+    The split-off group's ``weight_decay`` is put back to 0 if anything changed it. Values are
+    compared by identity only, so this never reads a tensor.
 
     Example:
         >>> source, target = {"lr": 0.1, "weight_decay": 0.1}, {"lr": 0.1, "weight_decay": 0.0}
@@ -184,6 +185,10 @@ def follow_sources(links: Iterable[GroupLink]) -> None:
     """
     for link in links:
         source, target, last = link.source, link.target, link.last
+        decay = target.get("weight_decay")
+        if not (isinstance(decay, float | int) and decay == 0):
+            # a weight-decay schedule that writes every group must not decay the excluded part
+            target["weight_decay"] = 0.0
         for key, value in source.items():
             if key in OWN_KEYS:
                 continue

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_reg import WeightDecayExclusion
-from tests.helpers import BlobsDataModule, trainer_kwargs
+from tests.helpers import BlobsDataModule, TinyClassifier, trainer_kwargs
 
 OWN_KEYS = {"params", "param_names", "weight_decay", "name", "no_decay_of"}
 STEPS_PER_EPOCH = 4  # 128 samples, batches of 32
@@ -245,3 +245,29 @@ def test_learning_rate_monitor_logs_the_followed_lr(tmp_path):
         assert row["lr-AdamW/body/no_decay"] == row["lr-AdamW/body"]
         assert row["lr-AdamW/head/no_decay"] == row["lr-AdamW/head"]
     assert len({r["lr-AdamW/body"] for r in logged}) > 1
+
+
+class DecaySchedule(pl.Callback):
+    """A weight-decay schedule that writes every param group (as many hand-written ones do)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for group in trainer.optimizers[0].param_groups:
+            group["weight_decay"] = 0.01 * (1 + trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.seen.append([g["weight_decay"] for g in optimizer.param_groups])
+
+
+def test_a_weight_decay_schedule_writing_every_group_never_decays_the_excluded_part(tmp_path):
+    schedule = DecaySchedule()
+    pl.seed_everything(0, verbose=False)
+    model = TinyClassifier(optimizer="adamw", weight_decay=0.05)
+    trainer = pl.Trainer(**trainer_kwargs(
+        tmp_path, callbacks=[schedule, WeightDecayExclusion(verbose=False)], max_epochs=1,
+    ))  # fmt: skip
+    trainer.fit(model, datamodule=BlobsDataModule())
+    assert schedule.seen and all(len(wd) == 2 for wd in schedule.seen)
+    assert all(wd[0] > 0 and wd[1] == 0.0 for wd in schedule.seen)
