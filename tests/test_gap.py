@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, Subset
 
 from lightning_reg import EarlyStopping, GeneralizationGapMonitor, Mixup
-from lightning_reg.gap import diagnose, lower_is_better, short_name, trend
+from lightning_reg.diagnosis import diagnose, lower_is_better, short_name, trend
 from tests.helpers import BlobsDataModule, TinyClassifier, trainer_kwargs
 
 
