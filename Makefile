@@ -1,7 +1,10 @@
 # Two entry points for a fresh machine (see README):
 #   make demo  - the main job: digits demo, writes TensorBoard logs under lightning_logs/
-#   make test  - the whole test suite: ruff (lint + format), mypy, pytest
-# Both create .venv on first use and install what they need into it.
+#   make test  - the whole test suite: ruff (lint + format), mypy, pytest (compatibility matrix
+#                included: timm, torchvision, the pytorch_lightning package)
+# Each creates its own virtual environment on first use and installs what it needs into it: the
+# demo a light CPU build of torch (.venv), the tests the torch/torchvision pair timm needs
+# (.venv-test, about 5.5 GB, installed from this machine's disk).
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,8 +13,13 @@ STAMP  := $(VENV)/.installed
 # The CPU build of torch that lies on these machines; installed before the package so that the
 # package's own (ranged) requirement is already satisfied and no CUDA build is pulled.
 TORCH  ?= torch==2.13.0
+# PyPI's torchvision does not import beside the 2.13 CPU build; this pair lies on these machines.
+TEST_TORCH ?= torch==2.14.1 torchvision==0.29.1
+TEST_VENV  := .venv-test
+TBIN       := $(TEST_VENV)/bin
+TEST_STAMP := $(TEST_VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest matrix bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,18 +28,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test,examples]"
 	touch $(STAMP)
 
+$(TEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TEST_VENV)
+	$(TBIN)/python -m pip install --quiet --upgrade pip
+	$(TBIN)/python -m pip install --quiet $(TEST_TORCH)
+	$(TBIN)/python -m pip install --quiet -e ".[test,examples,compat]"
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python examples/digits.py
 
-lint: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+lint: $(TEST_STAMP)
+	$(TBIN)/ruff check .
+	$(TBIN)/ruff format --check .
 
-typecheck: $(STAMP)
-	$(BIN)/mypy
+typecheck: $(TEST_STAMP)
+	$(TBIN)/mypy
 
-pytest: $(STAMP)
-	$(BIN)/python -m pytest tests lightning_reg
+pytest: $(TEST_STAMP)
+	$(TBIN)/python -m pytest tests lightning_reg
+
+# the compatibility matrix alone, written to docs/compat_matrix.md (copied into the README)
+matrix: $(TEST_STAMP)
+	LIGHTNING_REG_MATRIX=docs/compat_matrix.md $(TBIN)/python -m pytest tests/compat -q
 
 test: lint typecheck pytest
 
@@ -39,4 +58,4 @@ bench: $(STAMP)
 	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) lightning_logs .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TEST_VENV) lightning_logs .mypy_cache .ruff_cache

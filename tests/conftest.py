@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from tests.compat.matrix import Matrix
 from tests.helpers import BlobsDataModule, DigitsDataModule, TinyClassifier
 
 
@@ -34,3 +35,46 @@ def digits() -> DigitsDataModule:
 @pytest.fixture
 def tiny_model() -> TinyClassifier:
     return TinyClassifier()
+
+
+# ------------------------------------------------------------------------ compatibility matrix
+_MATRIX: Matrix = Matrix()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    marker = getattr(report, "compat", None)
+    if marker is None:
+        return
+    row, column, refused = marker
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        outcome = report.outcome
+        note = ""
+        if outcome == "skipped" and isinstance(report.longrepr, tuple):
+            note = str(report.longrepr[2]).removeprefix("Skipped: ")
+        elif outcome == "passed" and refused:
+            outcome, note = "refused", refused
+        elif outcome == "failed":
+            note = "see the test report"
+        _MATRIX.record(row, column, outcome, note)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    outcome = yield
+    marker = item.get_closest_marker("compat")
+    if marker is not None:
+        row, column = marker.args
+        outcome.get_result().compat = (row, column, marker.kwargs.get("refused", ""))
+    return outcome
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    if not _MATRIX.cells:
+        return
+    table = _MATRIX.markdown()
+    terminalreporter.write_sep("=", "compatibility matrix")  # type: ignore[attr-defined]
+    terminalreporter.write_line(table)  # type: ignore[attr-defined]
+    path = os.environ.get("LIGHTNING_REG_MATRIX")
+    if path:
+        with open(path, "w") as handle:
+            handle.write(table)
