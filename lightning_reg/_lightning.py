@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_utilities.core.overrides import is_overridden as _is_overridden
 from torch import nn
 
 _PACKAGES = ("lightning.pytorch.", "pytorch_lightning.")
+# The classes Lightning's own `is_overridden` compares a user's object against.
+_HOOK_OWNERS = ("LightningModule", "LightningDataModule", "Callback")
 # Strategies whose every rank holds the whole model (the snapshot of rank 0 is the model's).
 _REPLICATED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy", "SingleDeviceXLAStrategy")
 
@@ -23,11 +26,84 @@ def is_lightning_class(obj: Any, *names: str) -> bool:
     )
 
 
+def lightning_package(obj: Any) -> str | None:
+    """The package ``obj``'s class is built on: ``"lightning.pytorch"`` or ``"pytorch_lightning"``.
+
+    The nearest Lightning class in the MRO decides (a user's ``Trainer`` subclass counts as its
+    base's package); ``None`` when ``obj`` derives from no Lightning class.
+
+    Example:
+        >>> import lightning.pytorch
+        >>> import pytorch_lightning
+        >>> lightning_package(lightning.pytorch.callbacks.Callback())
+        'lightning.pytorch'
+        >>> lightning_package(pytorch_lightning.callbacks.Callback())
+        'pytorch_lightning'
+    """
+    for cls in type(obj).__mro__:
+        for package in _PACKAGES:
+            if cls.__module__.startswith(package):
+                return package[:-1]
+    return None
+
+
+def require_same_package(callback: Any, trainer: Any) -> None:
+    """Refuse a callback built on the other package's class than the ``Trainer``'s.
+
+    Needed where the Trainer itself type-checks the callback: it runs ``EarlyStopping`` and
+    ``Checkpoint`` instances *of its own package* after the module's ``on_train_epoch_end`` and
+    lists them in ``trainer.early_stopping_callback``; one of the other package would silently run
+    earlier (and read a metric the module logs there from the previous epoch).
+
+    Raises:
+        TypeError: if ``callback`` and ``trainer`` come from different packages.
+    """
+    ours, theirs = lightning_package(callback), lightning_package(trainer)
+    if ours is None or theirs is None or ours == theirs:
+        return
+    name = type(callback).__name__
+    module = "lightning_reg.pytorch_lightning" if theirs == "pytorch_lightning" else "lightning_reg"
+    raise TypeError(
+        f"This {name} is built on `{ours}`'s {name}, but the Trainer comes from `{theirs}`, which "
+        f"does not recognise it as one of its own: it would run before your LightningModule's "
+        f"`on_train_epoch_end` and be missing from `trainer.early_stopping_callback`. Use "
+        f"`from {module} import {name}` with a `{theirs}` Trainer."
+    )
+
+
+def is_overridden(method_name: str, instance: Any) -> bool:
+    """Whether ``instance`` overrides ``method_name`` of its Lightning base class.
+
+    Lightning's ``is_overridden`` raises for a module of the other package (it checks
+    ``isinstance`` against its own ``LightningModule``); this one finds the base by name.
+
+    Raises:
+        ValueError: if ``instance`` is no ``LightningModule``, ``LightningDataModule`` or
+            ``Callback`` of either package.
+    """
+    for cls in type(instance).__mro__:
+        if cls.__name__ in _HOOK_OWNERS and cls.__module__.startswith(_PACKAGES):
+            return _is_overridden(method_name, instance, cls)
+    raise ValueError(
+        f"{type(instance).__name__} derives from none of Lightning's {', '.join(_HOOK_OWNERS)} "
+        "(of `lightning.pytorch` or `pytorch_lightning`)."
+    )
+
+
 def is_replicated(strategy: Any) -> bool:
     """Whether every rank holds the whole model (single device, DDP), as opposed to sharded."""
     if is_lightning_class(strategy, "FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"):
         return False
     return is_lightning_class(strategy, *_REPLICATED_STRATEGIES)
+
+
+def is_whole_model_per_rank(strategy: Any) -> bool:
+    """Whether every rank's module holds all the weights: single device, DDP, DeepSpeed ZeRO-1/2.
+
+    Unlike :func:`is_replicated`, DeepSpeed counts (ZeRO-3 empties the module instead of sharding
+    it; the caller checks ``zero_stage_3``).
+    """
+    return is_lightning_class(strategy, "SingleDeviceStrategy", "DDPStrategy")
 
 
 def averaging_callbacks(callbacks: list[Any]) -> list[Any]:

@@ -20,12 +20,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_reg._eval_pass import evaluate_like_validation
+from lightning_reg._lightning import is_overridden
 from lightning_reg._subset import draw_indices, is_map_style, subset_loader
 from lightning_reg.diagnosis import (
     ADVICE,

@@ -20,12 +20,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torchmetrics.aggregation import SumMetric
 from typing_extensions import override
 
+from lightning_reg._lightning import is_lightning_class, is_whole_model_per_rank
 from lightning_reg._snapshot import _local
 from lightning_reg.tensorboard import tensorboard_writer
 
@@ -46,7 +46,8 @@ class RegularizationMonitor(Callback):
     strategies (``ModelParallelStrategy``, ``FSDPStrategy``) every rank sums over its local shards
     and torchmetrics' ``SumMetric`` adds the sums across ranks (one collective). ``FSDPStrategy``
     flattens parameters to 1-D shards, so only ``include_1d=True`` selects any; under DeepSpeed
-    ZeRO-3 the module holds empty placeholders, so only the weight decay is logged.
+    ZeRO-3 the module holds empty placeholders, so only the weight decay is logged. Strategies
+    and loggers of the standalone ``pytorch_lightning`` package are recognised as well.
 
     Args:
         per_layer: also log the L2 norm of every module's monitored parameters.
@@ -124,9 +125,10 @@ class RegularizationMonitor(Callback):
             return
         strategy = trainer.strategy
         # DDP (DeepSpeed ZeRO-1/2 too) replicates the weights: a sum over ranks would multiply them
-        self._sharded = not isinstance(strategy, SingleDeviceStrategy | DDPStrategy)
+        # (strategies of `lightning.pytorch` and `pytorch_lightning` alike: checked by class name)
+        self._sharded = not is_whole_model_per_rank(strategy)
         # ModelParallelStrategy shards through DTensors: its plain tensors live on every rank
-        parallel = isinstance(strategy, ModelParallelStrategy)
+        parallel = is_lightning_class(strategy, "ModelParallelStrategy")
         self._plain_replicas = trainer.world_size if parallel else 1
         self._skip_weights = bool(getattr(strategy, "zero_stage_3", False))
         if self._skip_weights:

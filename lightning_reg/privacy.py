@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryROC
 from typing_extensions import override
 
 from lightning_reg._batch import BatchAdapter
+from lightning_reg._lightning import is_overridden
 from lightning_reg._subset import draw_indices, is_map_style, subset_loader
 from lightning_reg.tensorboard import log_scalars
 

@@ -1,16 +1,18 @@
 """TensorBoard extras: custom-scalar layouts, hparams in the same run, text cards.
 
-Written on rank 0 only, and only when a ``TensorBoardLogger`` is attached; plain scalars always go
-through the loggers so CSV and other loggers receive them too.
+Written on rank 0 only, and only when a ``TensorBoardLogger`` (of ``lightning.pytorch`` or of the
+standalone ``pytorch_lightning``) is attached; plain scalars always go through the loggers so CSV
+and other loggers receive them too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_reg._lightning import is_lightning_class
 
 __all__ = [
     "gap_layout",
@@ -24,12 +26,15 @@ __all__ = [
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
-    """The ``SummaryWriter`` of the first ``TensorBoardLogger`` on rank 0, else ``None``."""
+    """The ``SummaryWriter`` of the first ``TensorBoardLogger`` on rank 0, else ``None``.
+
+    Either package's ``TensorBoardLogger`` (or a subclass) counts: the check is by class name.
+    """
     if not trainer.is_global_zero:
         return None
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
+        if is_lightning_class(logger, "TensorBoardLogger"):
+            return cast(Any, logger).experiment
     return None
 
 
