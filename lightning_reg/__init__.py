@@ -1,6 +1,8 @@
 """lightning-reg: regularization for PyTorch Lightning, as callbacks.
 
-Add the callbacks to ``Trainer(callbacks=[...])``; your LightningModule stays as it is.
+Add the callbacks to ``Trainer(callbacks=[...])``; your LightningModule stays as it is. Projects on
+the standalone ``pytorch_lightning`` package import them from :mod:`lightning_reg.pytorch_lightning`
+(its ``EarlyStopping`` is built on that package's class; the other callbacks are the same objects).
 """
 
 from lightning_reg._batch import BatchAdapter

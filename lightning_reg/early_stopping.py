@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -33,7 +33,12 @@ from lightning_reg._best_state import (
     validated_averaging,
     warn_if_not_synced,
 )
-from lightning_reg._lightning import averaged_module, checkpoint_savers_after, is_replicated
+from lightning_reg._lightning import (
+    averaged_module,
+    checkpoint_savers_after,
+    is_replicated,
+    require_same_package,
+)
 from lightning_reg._snapshot import SnapshotLocation, StateSnapshot
 from lightning_reg._utils import trainer_callbacks
 
@@ -42,90 +47,22 @@ __all__ = ["CHECKPOINT_KEY", "EarlyStopping"]
 CHECKPOINT_KEY = "lightning_reg_best_state"
 """Top-level checkpoint key holding each EarlyStopping's snapshot, by ``state_key``."""
 
+if TYPE_CHECKING:  # the mixin is checked against lightning.pytorch's class, whose API it extends
+    _MixinBase = _LightningEarlyStopping
+else:
+    _MixinBase = object
 
-class EarlyStopping(_LightningEarlyStopping):
-    r"""Lightning's ``EarlyStopping`` that also restores the best weights when ``fit`` ends.
 
-    Same name, arguments, defaults, attributes, messages, ``state_key`` and callback state as
-    :class:`lightning.pytorch.callbacks.EarlyStopping`: swapping the import is the whole migration,
-    and checkpoints written by either class resume with the other. On top of it, whenever the
-    monitored value improves, the local state of the weights that were just validated
-    (parameters and persistent buffers such as BatchNorm running statistics) is copied aside; the
-    copy is put back in ``on_fit_end`` (after every ``on_train_end`` hook, checkpoint callbacks
-    and weight averaging included) when training stops early or ends normally, and, with
-    ``restore_on_exception``, in ``on_exception`` when ``fit`` raises. Exactly one copy is kept.
+class _RestoreBestState(_MixinBase):
+    """Everything our ``EarlyStopping`` adds to Lightning's, for either package's base class.
 
-    "Best" is tracked on its own: a non-finite value is never copied, a stop by
-    ``divergence_threshold`` never restores a worse check, and a value that reaches
-    ``stopping_threshold`` is copied if it is the best so far.
-
-    Every ``fit`` starts afresh: counters, best value and snapshot are reset in ``setup``, so a
-    callback reused for another model (a sweep) never puts one model's weights into another. A fit
-    resumed from a checkpoint (``ckpt_path=``) then loads the checkpoint's state, snapshot included.
-
-    With Lightning's ``WeightAveraging``/``EMAWeightAveraging``, validation scores the averaged
-    weights, so the snapshot is taken from the averaged model and the check runs at the end of
-    validation (before the average moves on); the model ends with the averaged weights of the best
-    check. With ``StochasticWeightAveraging`` (which validates the live weights and copies its
-    never-validated average in at the end) the best validated weights win, with a warning.
-
-    Args:
-        monitor: quantity to be monitored.
-        min_delta: minimum change of the monitored quantity that counts as an improvement.
-        patience: number of checks with no improvement after which training stops.
-        verbose: log improvements and the stopping reason.
-        mode: ``"min"`` or ``"max"``.
-        strict: raise if ``monitor`` is not among the logged metrics.
-        check_finite: stop when the monitored value becomes NaN or infinite.
-        stopping_threshold: stop as soon as the monitored value reaches this threshold.
-        divergence_threshold: stop as soon as the monitored value is worse than this threshold.
-        check_on_train_epoch_end: check at the end of the training epoch (default when validation
-            runs once per epoch) instead of at the end of validation.
-        log_rank_zero_only: log the stopping messages on rank 0 only.
-        restore_best_weights: put the best state back when training ends.
-        restore_on_exception: also put it back when ``fit`` raises. A checkpoint callback that
-            saves on exception (``OnExceptionCheckpoint``, ``ModelCheckpoint(save_on_exception=
-            True)``) still saves the weights training reached.
-        snapshot_to: where the copy lives: ``"cpu"`` (host memory, pinned and copied without
-            blocking when the model is on a GPU), ``"device"`` (fastest, costs device memory) or
-            ``"disk"`` (one file per rank and fit, deleted when ``fit`` ends).
-        snapshot_dir: directory for ``snapshot_to="disk"``; defaults to
-            ``<trainer.default_root_dir>/best_state``.
-        checkpoint_snapshot: include the copy in Lightning checkpoints (under the top-level key
-            ``"lightning_reg_best_state"``), so a resumed run restores the same weights as an
-            uninterrupted one. Without it, a resumed run tracks the best state afresh.
-        start_from_epoch: epochs before this one neither count towards ``patience`` nor take a
-            snapshot (only the non-finite check runs); for warm-up phases.
-        baseline: a value the monitored quantity must beat: checks that do not beat it count as
-            no improvement, so training stops after ``patience`` checks that never reach it.
-
-    Attributes:
-        best_value: the monitored value of the snapshot (``inf``/``-inf`` before the first one).
-        best_epoch: the epoch of the snapshot (``-1`` before the first one).
-        best_step: the global step of the snapshot (``-1`` before the first one).
-
-    Raises:
-        ValueError: for invalid arguments (negative ``patience``/``min_delta``/``start_from_epoch``,
-            unknown ``snapshot_to``, thresholds the wrong way round, non-finite ``baseline``).
-        MisconfigurationException: if ``mode`` is neither ``"min"`` nor ``"max"``.
-        RuntimeError: if the monitored metric is not logged and ``strict=True``; at ``setup``, with
-            ``check_on_train_epoch_end=True`` beside a ``WeightAveraging`` callback, or with two
-            of them.
-
-    Example:
-        >>> from lightning.pytorch import Trainer
-        >>> from lightning_reg import EarlyStopping
-        >>> early_stopping = EarlyStopping("val_loss", patience=5)
-        >>> trainer = Trainer(callbacks=[early_stopping], logger=False)
-        >>> # after trainer.fit(model): the model holds the weights of early_stopping.best_epoch
-        >>> # (with strategy="ddp_spawn" the model comes back restored, but the attributes of
-        >>> # this callback object in the launching process are not updated, as in Lightning)
-
-    Logged metrics:
-        - ``reg/early_stopping/best``: the monitored value of the snapshot.
-        - ``reg/early_stopping/wait``: checks without improvement (Lightning's ``wait_count``).
-        - ``reg/early_stopping/best_epoch``: the epoch of the snapshot.
+    Mixed in before ``lightning.pytorch``'s or ``pytorch_lightning``'s ``EarlyStopping``: every
+    ``super()`` call reaches that package's own implementation, so both classes behave exactly
+    like their package's ``EarlyStopping`` plus the restore. ``_reasons`` is the base package's
+    ``EarlyStoppingReason`` (the two packages' enums do not compare equal).
     """
+
+    _reasons: ClassVar[Any] = EarlyStoppingReason
 
     def __init__(
         self,
@@ -173,7 +110,7 @@ class EarlyStopping(_LightningEarlyStopping):
         """What one ``fit`` learns; cleared at the start of every ``fit`` (plain values only)."""
         self.wait_count = 0
         self.stopped_epoch = 0
-        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
+        self.stopping_reason = self._reasons.NOT_STOPPED
         self.stopping_reason_message = None
         start = self.baseline if self.baseline is not None else math.inf * self._sign
         # Lightning's improvement test compares with `best_score`: starting it at the baseline
@@ -210,6 +147,7 @@ class EarlyStopping(_LightningEarlyStopping):
     # ----------------------------------------------------------------------------------- set-up
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_same_package(self, trainer)
         if stage != "fit":
             super().setup(trainer, pl_module, stage)
             return
@@ -237,7 +175,7 @@ class EarlyStopping(_LightningEarlyStopping):
                 "resumed."
             )
         restoring = [
-            cb for cb in callbacks if isinstance(cb, EarlyStopping) and cb.restore_best_weights
+            cb for cb in callbacks if isinstance(cb, _RestoreBestState) and cb.restore_best_weights
         ]
         if len(restoring) > 1 and restoring[0] is self:
             rank_zero_warn(
@@ -282,7 +220,7 @@ class EarlyStopping(_LightningEarlyStopping):
         if trainer.strategy.reduce_boolean_decision(diverged, all=False):
             trainer.should_stop = True
             self.stopped_epoch = trainer.current_epoch
-            self.stopping_reason = EarlyStoppingReason.NON_FINITE_METRIC
+            self.stopping_reason = self._reasons.NON_FINITE_METRIC
             self.stopping_reason_message = (
                 f"Monitored metric {self.monitor} = {current} is not finite during warm-up "
                 f"(epoch {trainer.current_epoch} < start_from_epoch={self.start_from_epoch})."
@@ -435,3 +373,95 @@ class EarlyStopping(_LightningEarlyStopping):
         if self._snapshot is None:  # loaded outside `fit`
             self._snapshot = StateSnapshot("cpu")
         self._snapshot.load_state_dict(tensors)
+
+
+class EarlyStopping(_RestoreBestState, _LightningEarlyStopping):
+    r"""Lightning's ``EarlyStopping`` that also restores the best weights when ``fit`` ends.
+
+    Same name, arguments, defaults, attributes, messages, ``state_key`` and callback state as
+    :class:`lightning.pytorch.callbacks.EarlyStopping`: swapping the import is the whole migration,
+    and checkpoints written by either class resume with the other. On top of it, whenever the
+    monitored value improves, the local state of the weights that were just validated
+    (parameters and persistent buffers such as BatchNorm running statistics) is copied aside; the
+    copy is put back in ``on_fit_end`` (after every ``on_train_end`` hook, checkpoint callbacks
+    and weight averaging included) when training stops early or ends normally, and, with
+    ``restore_on_exception``, in ``on_exception`` when ``fit`` raises. Exactly one copy is kept.
+
+    "Best" is tracked on its own: a non-finite value is never copied, a stop by
+    ``divergence_threshold`` never restores a worse check, and a value that reaches
+    ``stopping_threshold`` is copied if it is the best so far.
+
+    Every ``fit`` starts afresh: counters, best value and snapshot are reset in ``setup``, so a
+    callback reused for another model (a sweep) never puts one model's weights into another. A fit
+    resumed from a checkpoint (``ckpt_path=``) then loads the checkpoint's state, snapshot included.
+
+    Built on ``lightning.pytorch``'s ``EarlyStopping``: with a Trainer of the standalone
+    ``pytorch_lightning`` package use :class:`lightning_reg.pytorch_lightning.EarlyStopping`, the
+    same code built on that package's class (the Trainer recognises only its own package's
+    ``EarlyStopping``: it runs it after the module's ``on_train_epoch_end``). Each class refuses the
+    other package's Trainer at ``setup``, so the mix-up can never be a silent difference.
+
+    With Lightning's ``WeightAveraging``/``EMAWeightAveraging``, validation scores the averaged
+    weights, so the snapshot is taken from the averaged model and the check runs at the end of
+    validation (before the average moves on); the model ends with the averaged weights of the best
+    check. With ``StochasticWeightAveraging`` (which validates the live weights and copies its
+    never-validated average in at the end) the best validated weights win, with a warning.
+
+    Args:
+        monitor: quantity to be monitored.
+        min_delta: minimum change of the monitored quantity that counts as an improvement.
+        patience: number of checks with no improvement after which training stops.
+        verbose: log improvements and the stopping reason.
+        mode: ``"min"`` or ``"max"``.
+        strict: raise if ``monitor`` is not among the logged metrics.
+        check_finite: stop when the monitored value becomes NaN or infinite.
+        stopping_threshold: stop as soon as the monitored value reaches this threshold.
+        divergence_threshold: stop as soon as the monitored value is worse than this threshold.
+        check_on_train_epoch_end: check at the end of the training epoch (default when validation
+            runs once per epoch) instead of at the end of validation.
+        log_rank_zero_only: log the stopping messages on rank 0 only.
+        restore_best_weights: put the best state back when training ends.
+        restore_on_exception: also put it back when ``fit`` raises. A checkpoint callback that
+            saves on exception (``OnExceptionCheckpoint``, ``ModelCheckpoint(save_on_exception=
+            True)``) still saves the weights training reached.
+        snapshot_to: where the copy lives: ``"cpu"`` (host memory, pinned and copied without
+            blocking when the model is on a GPU), ``"device"`` (fastest, costs device memory) or
+            ``"disk"`` (one file per rank and fit, deleted when ``fit`` ends).
+        snapshot_dir: directory for ``snapshot_to="disk"``; defaults to
+            ``<trainer.default_root_dir>/best_state``.
+        checkpoint_snapshot: include the copy in Lightning checkpoints (under the top-level key
+            ``"lightning_reg_best_state"``), so a resumed run restores the same weights as an
+            uninterrupted one. Without it, a resumed run tracks the best state afresh.
+        start_from_epoch: epochs before this one neither count towards ``patience`` nor take a
+            snapshot (only the non-finite check runs); for warm-up phases.
+        baseline: a value the monitored quantity must beat: checks that do not beat it count as
+            no improvement, so training stops after ``patience`` checks that never reach it.
+
+    Attributes:
+        best_value: the monitored value of the snapshot (``inf``/``-inf`` before the first one).
+        best_epoch: the epoch of the snapshot (``-1`` before the first one).
+        best_step: the global step of the snapshot (``-1`` before the first one).
+
+    Raises:
+        ValueError: for invalid arguments (negative ``patience``/``min_delta``/``start_from_epoch``,
+            unknown ``snapshot_to``, thresholds the wrong way round, non-finite ``baseline``).
+        MisconfigurationException: if ``mode`` is neither ``"min"`` nor ``"max"``.
+        RuntimeError: if the monitored metric is not logged and ``strict=True``; at ``setup``, with
+            ``check_on_train_epoch_end=True`` beside a ``WeightAveraging`` callback, or with two
+            of them.
+        TypeError: at ``setup``, with a ``pytorch_lightning`` Trainer (see above).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_reg import EarlyStopping
+        >>> early_stopping = EarlyStopping("val_loss", patience=5)
+        >>> trainer = Trainer(callbacks=[early_stopping], logger=False)
+        >>> # after trainer.fit(model): the model holds the weights of early_stopping.best_epoch
+        >>> # (with strategy="ddp_spawn" the model comes back restored, but the attributes of
+        >>> # this callback object in the launching process are not updated, as in Lightning)
+
+    Logged metrics:
+        - ``reg/early_stopping/best``: the monitored value of the snapshot.
+        - ``reg/early_stopping/wait``: checks without improvement (Lightning's ``wait_count``).
+        - ``reg/early_stopping/best_epoch``: the epoch of the snapshot.
+    """
