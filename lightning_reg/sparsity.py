@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_reg._lightning import is_lightning_class
 from lightning_reg._snapshot import _local
 from lightning_reg._utils import trainer_callbacks
 from lightning_reg.weight_decay import split_parameters
@@ -70,6 +71,25 @@ def prox_group_lasso(w: Tensor, threshold: float, group_dim: int = 0) -> Tensor:
     return w * scale
 
 
+def _refuse_groups_across_shards(params: Sequence[tuple[str, Tensor]], group_dim: int) -> None:
+    """Refuse group lasso on a ``DTensor`` sharded along a dimension that its groups span.
+
+    Each rank thresholds its local shard: a group cut across ranks would be scaled by the norm of
+    its local part only, a silently wrong step.
+    """
+    for name, param in params:
+        dim = group_dim % param.ndim
+        for placement in getattr(param, "placements", ()):
+            if placement.is_shard() and placement.dim % param.ndim != dim:
+                raise RuntimeError(
+                    f"ProximalSparsity(penalty='group_lasso', group_dim={group_dim}): parameter "
+                    f"{name!r} is sharded along dim {placement.dim} (e.g. FSDP2's `fully_shard`), "
+                    "so each group is split across ranks and a rank would scale it by the norm of "
+                    f"its part only. Use `group_dim={placement.dim}` (groups along the sharded "
+                    "dimension stay whole on one rank), or penalty='l1'."
+                )
+
+
 class ProximalSparsity(Callback):
     """Sparsity by proximal steps: L1, elastic net or group lasso, applied after each step.
 
@@ -106,6 +126,8 @@ class ProximalSparsity(Callback):
     Raises:
         ValueError: for negative strengths or steps, an unknown penalty, ``l2`` without
             elastic net, or all strengths zero.
+        RuntimeError: at fit start, for group lasso on parameters sharded (FSDP2's DTensors)
+            along another dimension than ``group_dim``, whose groups no rank holds whole.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -165,6 +187,7 @@ class ProximalSparsity(Callback):
         self._targets: set[int] = set()
         self._last_step = -1
         self._log_weights = True
+        self._sharded, self._plain_replicas = False, 1
 
     @property
     @override
@@ -189,8 +212,16 @@ class ProximalSparsity(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         split = split_parameters(pl_module, include_frozen=True, **self.rules)
+        if self.penalty == "group_lasso":
+            _refuse_groups_across_shards(split.decay, self.group_dim)
         self._targets = {id(p) for _, p in split.decay}
         self._last_step = trainer.global_step
+        # as RegularizationMonitor: under sharded strategies each rank sums its local shards and
+        # the sums are added across ranks (a DTensor's plain tensors live on every rank)
+        strategy = trainer.strategy
+        self._sharded = not is_lightning_class(strategy, "SingleDeviceStrategy", "DDPStrategy")
+        parallel = is_lightning_class(strategy, "ModelParallelStrategy")
+        self._plain_replicas = trainer.world_size if parallel else 1
         from lightning_reg.monitor import RegularizationMonitor
 
         monitors = [c for c in trainer_callbacks(trainer) if isinstance(c, RegularizationMonitor)]
@@ -236,7 +267,10 @@ class ProximalSparsity(Callback):
             from lightning_reg.monitor import weight_statistics
 
             params = [(n, p) for n, p in pl_module.named_parameters() if p.ndim >= 2]
-            metrics.update(weight_statistics(params, self.sparsity_tolerance))
+            metrics.update(weight_statistics(
+                params, self.sparsity_tolerance, sharded=self._sharded,
+                plain_replicas=self._plain_replicas,
+            ))  # fmt: skip
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
 
