@@ -248,7 +248,12 @@ def mix_inputs(x: Tensor, plan: MixPlan) -> Tensor:
     blended = ~plan.cut & (plan.lam < 1)
     if not x.is_floating_point():
         if blended.any():
-            raise ValueError(f"Mixup needs floating-point inputs, got {x.dtype}; convert them.")
+            raise ValueError(
+                f"Mixup blends inputs, so they must be floating-point; got {x.dtype} inputs of "
+                f"shape {tuple(x.shape)}. Convert integer images (uint8) to float first. Token "
+                "ids cannot be blended: Mixup does not apply to them (remove it; for a language "
+                "model, smooth in the loss with `F.cross_entropy(..., label_smoothing=...)`)."
+            )
         mask = _box_mask(_to(plan.boxes, x.device), x.shape[-2:])  # type: ignore[arg-type]
         return torch.where(mask.unsqueeze(1), x.index_select(0, perm), x)
     partner = x.index_select(0, perm)
@@ -347,7 +352,9 @@ def smooth_targets(targets: Tensor, num_classes: int, smoothing: float = 0.0) ->
     if targets.ndim != 1:
         raise ValueError(
             f"Class targets must have shape (N,), got {tuple(targets.shape)}. Mixup and label "
-            "smoothing here handle classification (one label per sample)."
+            "smoothing here handle classification (one label per sample); per-token or per-pixel "
+            "targets (language models, segmentation) are not supported. Remove the callback; to "
+            "smooth such targets, use `F.cross_entropy(..., label_smoothing=...)` in your step."
         )
     if num_classes is None or num_classes < 2:
         raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
