@@ -166,6 +166,7 @@ class Recorder(pl.Callback):
                 "weight_decay": group["weight_decay"],
                 "lr": float(group["lr"]),
                 "no_decay_of": group.get("no_decay_of"),
+                "dtensors": [hasattr(p, "placements") for p in group["params"]],
             }
             for group in trainer.optimizers[0].param_groups
         ]

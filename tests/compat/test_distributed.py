@@ -158,6 +158,7 @@ def test_ddp_early_stopping_restores_the_best_check_exactly(ddp):
 def test_ddp_weight_decay_exclusion_splits_alike_and_follows_the_lr(ddp):
     _check_groups(ddp)
     assert ddp[0]["groups"] == ddp[1]["groups"]
+    assert not any(flag for group in ddp[0]["groups"] for flag in group["dtensors"])
 
 
 def _check_groups(ranks: Ranks) -> None:
@@ -265,7 +266,9 @@ def test_fsdp2_early_stopping_restores_local_shards_exactly(fsdp2):
 @pytest.mark.compat(FSDP2, "WeightDecayExclusion")
 def test_fsdp2_weight_decay_exclusion_splits_dtensor_parameters(fsdp2, ddp):
     _check_groups(fsdp2)
-    assert fsdp2[0]["groups"] == ddp[0]["groups"]
+    assert all(flag for group in fsdp2[0]["groups"] for flag in group["dtensors"])
+    names = [[group["names"] for group in ranks[0]["groups"]] for ranks in (fsdp2, ddp)]
+    assert names[0] == names[1]
 
 
 @pytest.mark.compat(FSDP2, "Mixup")
