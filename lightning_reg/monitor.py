@@ -215,10 +215,10 @@ def weight_statistics(
     for name, tensor in named_tensors:
         local = _local(tensor).detach()
         dtype = torch.float32 if local.device.type == "mps" else torch.float64
-        squares = torch.linalg.vector_norm(local, 2, dtype=torch.float32).to(dtype).square()
+        squares, absolutes = _norm_sums(local, dtype)
         row = torch.stack([
             squares,
-            torch.linalg.vector_norm(local, 1, dtype=torch.float32).to(dtype),
+            absolutes,
             (local.abs() <= sparsity_tolerance).sum().to(dtype),
             local.new_full((), local.numel(), dtype=dtype),  # a fill, not a host-to-device copy
         ])  # fmt: skip
@@ -246,6 +246,24 @@ def weight_statistics(
         for layer, squares_sum in zip(layers, values[4:], strict=True):
             stats[f"reg/weights_l2/{layer}"] = math.sqrt(squares_sum)
     return stats
+
+
+# Elements per partial norm. torch's CPU `vector_norm` in float32 loses precision on long vectors
+# (torch 2.14: -0.8% of the squared L2 and -4.7% of the L1 norm of 5e7 elements, -3.5e-5 of the L2
+# of a 512x512x3x3 kernel); norms of short chunks, added up in float64, are exact to rounding.
+_CHUNK = 4096
+
+
+def _norm_sums(local: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Sum of squares and sum of absolute values of ``local``, as ``dtype`` scalars."""
+    flat = local.reshape(-1)
+    cut = flat.numel() - flat.numel() % _CHUNK
+    squares, absolutes = [], []
+    for part in (flat[:cut].view(-1, _CHUNK), flat[cut:].view(1, -1)):
+        for order, out in ((2, squares), (1, absolutes)):
+            norms = torch.linalg.vector_norm(part, order, dim=1, dtype=torch.float32).to(dtype)
+            out.append((norms.square() if order == 2 else norms).sum())
+    return squares[0] + squares[1], absolutes[0] + absolutes[1]
 
 
 def decay_metrics(optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, float]:
