@@ -258,7 +258,8 @@ def _norm_sums(local: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Sum of squares and sum of absolute values of ``local``, as ``dtype`` scalars."""
     flat = local.reshape(-1)
     cut = flat.numel() - flat.numel() % _CHUNK
-    squares, absolutes = [], []
+    squares: list[Tensor] = []
+    absolutes: list[Tensor] = []
     for part in (flat[:cut].view(-1, _CHUNK), flat[cut:].view(1, -1)):
         for order, out in ((2, squares), (1, absolutes)):
             norms = torch.linalg.vector_norm(part, order, dim=1, dtype=torch.float32).to(dtype)
