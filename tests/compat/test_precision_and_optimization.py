@@ -29,6 +29,7 @@ from lightning_reg import (
     ProximalSparsity,
     RegularizationMonitor,
     WeightDecayExclusion,
+    loss_attack_metrics,
 )
 from tests.helpers import BlobsDataModule, TinyClassifier, trainer_kwargs
 
@@ -215,11 +216,13 @@ class Run:
 
 
 def fit_stack(
-    root: Any, model: Net | None = None, datamodule: pl.LightningDataModule | None = None,
+    root: Any, model: Net | Callable[[], Net] | None = None,
+    datamodule: pl.LightningDataModule | None = None,
     callbacks: dict[str, pl.Callback] | None = None, fit: bool = True, **overrides: Any,
 ) -> Run:  # fmt: skip
     pl.seed_everything(0, verbose=False)
-    model = model if model is not None else Net(scheduler=step_decay)
+    if not isinstance(model, Net):  # built after seeding: same initial weights in every row
+        model = model() if model is not None else Net(scheduler=step_decay)
     datamodule = datamodule if datamodule is not None else BlobsDataModule(shuffle=False)
     callbacks = callbacks if callbacks is not None else stack()
     probe = Probe()
@@ -265,10 +268,10 @@ def check_early_stopping(run: Run) -> None:
     dtype = next(iter(best.state.values())).dtype
     assert all(v.dtype == dtype for k, v in final.items() if v.is_floating_point())
     loader = run.datamodule.val_dataloader()
-    assert not isinstance(loader, (list, dict))
+    loader = loader[0] if isinstance(loader, list) else loader  # the monitored one
     scored = evaluate(run, final, loader)["real_val_loss"]
-    first = "real_val_loss" if "real_val_loss" in best.metrics else "real_val_loss/dataloader_idx_0"
-    assert scored == pytest.approx(best.metrics[first], rel=1e-6, abs=1e-7)
+    value = best.metrics.get("real_val_loss", best.metrics.get("real_val_loss/dataloader_idx_0"))
+    assert scored == pytest.approx(value, rel=1e-6, abs=1e-7)
 
 
 def check_weight_decay_exclusion(run: Run) -> None:
@@ -317,8 +320,39 @@ def check_gap(run: Run) -> None:
         if not run.precision.startswith("32"):
             fp32 = evaluate(replace(run, precision="32-true"), check.state, loader)
             assert ours != pytest.approx(fp32["real_val_loss"], rel=1e-6)
-        gap = check.metrics["real_val_loss"] - ours
+        val = check.metrics.get(
+            "real_val_loss", check.metrics.get("real_val_loss/dataloader_idx_0")
+        )
+        assert val is not None  # the gap is taken against the first validation dataloader
+        gap = val - ours
         assert check.metrics["reg/gap/real_val_loss"] == pytest.approx(gap, rel=1e-5, abs=1e-6)
+
+
+def check_membership_audit(run: Run) -> None:
+    """The logged attack metrics equal the attack on losses computed here, on the audit's subsets
+    (members and non-members drawn in turn from one generator seeded with its ``seed``, 0)."""
+    audit = run.callbacks["MembershipInferenceAudit"]
+    assert isinstance(audit, MembershipInferenceAudit) and run.precision.startswith("32")
+    train = audit.train_dataset or run.datamodule.train_set  # type: ignore[attr-defined]
+    val = run.datamodule.val_set  # type: ignore[attr-defined]
+    n = min(audit.subset_size, len(train), len(val))
+    generator = torch.Generator().manual_seed(0)
+    members = torch.randperm(len(train), generator=generator)[:n]
+    nonmembers = torch.randperm(len(val), generator=generator)[:n]
+    checks = [c for c in run.probe.checks if "reg/privacy/auc" in c.metrics]
+    assert checks
+    for check in (checks[0], checks[-1]):
+        model = Net(script=[0.0])
+        model.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in check.state.items()})
+        model.eval()
+        with torch.no_grad():
+            losses = [
+                F.cross_entropy(model(data[idx][0]), data[idx][1], reduction="none")
+                for data, idx in ((train, members), (val, nonmembers))
+            ]  # fmt: skip
+        expected = loss_attack_metrics(*losses)
+        for name in ("auc", "advantage"):
+            assert check.metrics[f"reg/privacy/{name}"] == pytest.approx(expected[name], abs=1e-6)
 
 
 def check_regularization_monitor(run: Run) -> None:
@@ -357,6 +391,7 @@ CHECKS: dict[str, Callable[[Run], None]] = {
     "Mixup": check_soft_targets,
     "GeneralizationGapMonitor": check_gap,
     "RegularizationMonitor": check_regularization_monitor,
+    "MembershipInferenceAudit": check_membership_audit,
     "ProximalSparsity": check_proximal_sparsity,
     "stack": check_stack,
 }
@@ -430,7 +465,10 @@ BF16_COLUMNS = ("EarlyStopping", "Mixup", "GeneralizationGapMonitor", "stack")
     ("row", "column"),
     [
         *cells("precision='bf16-mixed' (CPU)", BF16_COLUMNS),
-        *cells("precision='bf16-true' (CPU)", (*BF16_COLUMNS, "ProximalSparsity")),
+        *cells(
+            "precision='bf16-true' (CPU)",
+            (*BF16_COLUMNS, "RegularizationMonitor", "ProximalSparsity"),
+        ),
         *cells("torch.compile'd submodules", ("EarlyStopping", "WeightDecayExclusion", "stack")),
         *cells(
             "accumulate_grad_batches=2",
