@@ -328,19 +328,23 @@ class _Layout:
 
 
 def _excluded(split: WeightDecaySplit) -> set[int]:
-    return {id(p) for _, p in split.no_decay}
+    return {id(p) for _, p in split.no_decay if not _is_flattened(p)}  # flat ones keep decay
 
 
 def _check_known(split: WeightDecaySplit, groups: Sequence[dict[str, Any]], index: int) -> None:
     """Refuse, or warn about, decayed tensors that are not parameters of the module."""
-    known = {id(p) for _, p in split.decay + split.no_decay}
+    # FSDP1 without `use_orig_params` registers its FlatParameter on the module itself: a module
+    # parameter, yet one flat 1-d tensor of many weights that no rule can split (it would land in
+    # the no-decay part as "1d" and silently turn decay off for the whole group)
+    known = {id(p) for _, p in split.decay + split.no_decay if not _is_flattened(p)}
     decayed = [p for g in groups if is_decayed(g) and SOURCE_KEY not in g for p in g["params"]]
     unknown = sum(id(p) not in known for p in decayed)
     if not unknown:
         return
     what = (
         f"{unknown} of the {len(decayed)} decayed tensors of optimizer {index} are not parameters "
-        "of the LightningModule, so WeightDecayExclusion cannot tell whether they should decay"
+        "of the LightningModule (or are flattened ones), so WeightDecayExclusion cannot tell "
+        "whether they should decay"
     )
     if unknown == len(decayed):
         raise RuntimeError(
@@ -350,6 +354,11 @@ def _check_known(split: WeightDecaySplit, groups: Sequence[dict[str, Any]], inde
             "weight_decay)` in `configure_optimizers` and drop the callback."
         )
     rank_zero_warn(f"{what}; they keep the decay you configured.")
+
+
+def _is_flattened(param: torch.Tensor) -> bool:
+    """Whether ``param`` is FSDP1's ``FlatParameter`` (many weights in one flat tensor)."""
+    return bool(getattr(param, "_is_flat_param", False))
 
 
 def _is_finetuning(callback: Callback) -> bool:
