@@ -85,7 +85,7 @@ def test_early_stopping_restores_best_and_checkpoints_its_snapshot(tmp_path: Pat
     es = EarlyStopping("scripted", patience=1)
     recorder = StateRecorder()
     saver = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0)
-    model = PLClassifier(scripted=[2.0, 1.0, 1.5, 0.1])
+    model = PLClassifier(scripted=[2.0, 1.0, 1.5, 1.8])
     trainer = pl_trainer(
         tmp_path, max_epochs=4, callbacks=[es, recorder, saver], enable_checkpointing=True
     )
@@ -101,6 +101,26 @@ def test_early_stopping_restores_best_and_checkpoints_its_snapshot(tmp_path: Pat
     _assert_state_equal(checkpoint[CHECKPOINT_KEY][es.state_key], recorder.states[1])
     _assert_state_equal(checkpoint["state_dict"], recorder.states[2])  # last.ckpt: reached weights
     assert checkpoint["callbacks"][es.state_key]["best_epoch"] == 1
+
+    # a resumed fit (new callback object) restores the checkpoint's snapshot: epoch 1, not 3
+    resumed = EarlyStopping("scripted", patience=5)
+    trainer = pl_trainer(tmp_path, max_epochs=4, callbacks=[resumed])
+    trainer.fit(model, datamodule=PLData(), ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert (resumed.best_epoch, resumed.best_value) == (1, 1.0)
+    _assert_state_equal(model.state_dict(), recorder.states[1])
+
+
+@_cell("EarlyStopping")
+def test_early_stopping_state_is_the_same_in_both_packages() -> None:
+    ours, theirs = lightning_reg.EarlyStopping("m", patience=4), EarlyStopping("m", patience=4)
+    assert ours.state_key == theirs.state_key
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    theirs.wait_count, theirs.best_epoch, theirs.best_value = 2, 5, 0.25
+    theirs.stopping_reason = EarlyStoppingReason.PATIENCE_EXHAUSTED
+    ours.load_state_dict(theirs.state_dict())
+    assert (ours.wait_count, ours.stopping_reason.name) == (2, "PATIENCE_EXHAUSTED")
+    assert type(ours.stopping_reason) is not EarlyStoppingReason  # lightning.pytorch's own enum
+    assert type(theirs.stopping_reason) is EarlyStoppingReason
 
 
 @_cell("EarlyStopping")
