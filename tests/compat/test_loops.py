@@ -59,7 +59,7 @@ class Stream(IterableDataset):
         self.data = data
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        return (self.data[i] for i in range(len(self.data)))  # type: ignore[arg-type]
+        return (self.data[i] for i in range(len(self.data)))
 
 
 class StreamedBlobs(BlobsDataModule):

@@ -10,7 +10,7 @@ this group (schedulers, loops).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -51,7 +51,7 @@ class Net(TinyClassifier):
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         manual: bool = False, compile_backend: str | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
-        kwargs = {"optimizer": "adamw", "weight_decay": 0.05, "lr": 0.05} | kwargs
+        kwargs = dict[str, Any](optimizer="adamw", weight_decay=0.05, lr=0.05) | kwargs
         super().__init__(**kwargs)
         self.script, self.script_by = list(script), script_by  # "epoch" or "check"
         self.checks_done = 0
@@ -333,7 +333,7 @@ def check_membership_audit(run: Run) -> None:
     (members and non-members drawn in turn from one generator seeded with its ``seed``, 0)."""
     audit = run.callbacks["MembershipInferenceAudit"]
     assert isinstance(audit, MembershipInferenceAudit) and run.precision.startswith("32")
-    train = audit.train_dataset or run.datamodule.train_set  # type: ignore[attr-defined]
+    train: Any = audit.train_dataset or run.datamodule.train_set  # type: ignore[attr-defined]
     val = run.datamodule.val_set  # type: ignore[attr-defined]
     n = min(audit.subset_size, len(train), len(val))
     generator = torch.Generator().manual_seed(0)
@@ -410,7 +410,7 @@ def cells(row: str, columns: Iterable[str], key: str | None = None) -> list[Any]
 class Fits:
     """One fit per row, shared by the row's cells (built on first use)."""
 
-    def __init__(self, root: Any, builders: dict[str, Callable[[Any], Run]]) -> None:
+    def __init__(self, root: Any, builders: Mapping[str, Callable[[Any], Run]]) -> None:
         self.root, self.builders, self.runs = root, builders, dict[str, Run]()
 
     def __call__(self, key: str) -> Run:

@@ -34,7 +34,7 @@ class TwoGroupNet(Net):
     def configure_optimizers(self) -> Any:
         head = list(self.net[-1].parameters())
         body = [p for p in self.parameters() if all(p is not h for h in head)]
-        lr = self.hparams.lr
+        lr = self.hparams["lr"]
         optimizer = torch.optim.AdamW(
             [{"params": body}, {"params": head, "lr": lr / 10}], lr=lr, weight_decay=0.05
         )
