@@ -84,3 +84,5 @@ class EarlyStopping(_RestoreBestState, _PLEarlyStopping):  # type: ignore[misc]
     """
 
     _reasons = EarlyStoppingReason
+    # this package's enum, for type checkers too (the mixin is typed on lightning.pytorch's class)
+    stopping_reason: EarlyStoppingReason  # type: ignore[assignment]

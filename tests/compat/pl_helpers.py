@@ -11,7 +11,7 @@ from __future__ import annotations
 import atexit
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -87,19 +87,19 @@ class PLClassifier(pl.LightningModule):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
         self.log("val_loss", loss, sync_dist=True)
-        scripted = self.hparams.scripted
+        scripted = self.hparams["scripted"]
         if scripted is not None:
             value = scripted[min(self.current_epoch, len(scripted) - 1)]
             self.log("scripted", torch.tensor(float(value)), sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
-        values = self.hparams.epoch_end_values
+        values = self.hparams["epoch_end_values"]
         if values is not None:
             self.log("epoch_metric", float(values[self.current_epoch]), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.SGD(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            self.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
         )
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
@@ -127,7 +127,7 @@ class StateRecorder(pl.Callback):
         l1 = sum(float(w.abs().sum()) for w in weights)
         l2 = sum(float(w.pow(2).sum()) for w in weights) ** 0.5
         self.norms[epoch] = (l1, l2)
-        self.train_losses[epoch] = train_set_loss(pl_module, trainer.datamodule)
+        self.train_losses[epoch] = train_set_loss(pl_module, cast(Any, trainer).datamodule)
         if self.directory is not None and trainer.is_global_zero:
             torch.save(self.states, Path(self.directory) / "states.pt")
             record = {"norms": self.norms, "train_losses": self.train_losses}
