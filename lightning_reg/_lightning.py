@@ -7,8 +7,12 @@ one code base serves both.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from lightning_utilities.core.overrides import is_overridden as _is_overridden
 from torch import nn
 
@@ -129,12 +133,47 @@ def averaged_module(callback: Any) -> nn.Module | None:
     """
     if not hasattr(callback, "_average_model"):
         raise RuntimeError(
-            f"EarlyStopping cannot find the averaged model of {type(callback).__name__} in this "
-            "Lightning version, so it cannot snapshot the weights that were validated. Pass "
-            "`restore_best_weights=False`, or use lightning>=2.6,<2.7."
+            f"lightning-reg cannot find the averaged model of {type(callback).__name__} in this "
+            "Lightning version, so EarlyStopping cannot snapshot, nor GeneralizationGapMonitor "
+            "and MembershipInferenceAudit evaluate, the weights that were validated. Remove "
+            "them (or pass `restore_best_weights=False`), or use lightning>=2.6,<2.7."
         )
     averaged = callback._average_model
     return None if averaged is None else averaged.module
+
+
+@contextmanager
+def validated_weights(callbacks: list[Any], module: nn.Module) -> Iterator[None]:
+    """While inside, ``module`` holds the weights the last validation scored.
+
+    ``WeightAveraging`` swaps its average into the module for validation and back out in its
+    ``on_validation_epoch_end``, before the ``on_validation_end`` hooks where the gap pass and
+    the audit run: this swaps it in again (parameters, then buffers, in place, as Lightning does)
+    and back out on exit. Without weight averaging it does nothing.
+    """
+    averages = [
+        a for a in (averaged_module(cb) for cb in averaging_callbacks(callbacks)) if a is not None
+    ]  # fmt: skip
+    for average in averages:
+        _swap(average, module)
+    try:
+        yield
+    finally:
+        for average in reversed(averages):
+            _swap(average, module)
+
+
+@torch.no_grad()
+def _swap(average: nn.Module, module: nn.Module) -> None:
+    tensors = zip(
+        itertools.chain(average.parameters(), average.buffers()),
+        itertools.chain(module.parameters(), module.buffers()),
+        strict=True,  # the average is a deep copy of the module
+    )  # fmt: skip
+    for a, m in tensors:
+        held = a.clone()
+        a.copy_(m)
+        m.copy_(held)
 
 
 def checkpoint_savers_after(callbacks: list[Any], owner: Any) -> list[Any]:

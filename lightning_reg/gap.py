@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_reg._eval_pass import evaluate_like_validation
-from lightning_reg._lightning import is_overridden
+from lightning_reg._lightning import is_overridden, validated_weights
 from lightning_reg._subset import draw_indices, is_map_style, subset_loader
+from lightning_reg._utils import trainer_callbacks
 from lightning_reg.diagnosis import (
     ADVICE,
     Diagnosis,
@@ -302,9 +303,11 @@ class GeneralizationGapMonitor(Callback):
 
     def _run_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         idx = self._dataloader_idx(trainer)
-        train_values = evaluate_like_validation(
-            trainer, pl_module, self._subset_loader(trainer), self._wanted, idx
-        )
+        # the weights validation scored: the average, beside Lightning's weight averaging
+        with validated_weights(trainer_callbacks(trainer), pl_module):
+            train_values = evaluate_like_validation(
+                trainer, pl_module, self._subset_loader(trainer), self._wanted, idx
+            )
         pairs: dict[str, str] = {}  # logged name -> name without the dataloader suffix
         for name in train_values:
             if trainer.callback_metrics.get(name) is not None:

@@ -33,8 +33,9 @@ from torchmetrics.classification import BinaryROC
 from typing_extensions import override
 
 from lightning_reg._batch import BatchAdapter
-from lightning_reg._lightning import is_overridden
+from lightning_reg._lightning import is_overridden, validated_weights
 from lightning_reg._subset import draw_indices, is_map_style, subset_loader
+from lightning_reg._utils import trainer_callbacks
 from lightning_reg.tensorboard import log_scalars
 
 __all__ = ["MembershipInferenceAudit", "attack_metrics", "loss_attack_metrics"]
@@ -297,8 +298,8 @@ class MembershipInferenceAudit(Callback):
         roc = self._roc.to(pl_module.device)
         modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
-        try:
-            with torch.no_grad():
+        try:  # the weights validation scored: the average, beside Lightning's weight averaging
+            with validated_weights(trainer_callbacks(trainer), pl_module), torch.no_grad():
                 for loader, label in zip(loaders, (1, 0), strict=True):
                     for batch in loader:
                         losses = self._losses(trainer, pl_module, batch).float()
