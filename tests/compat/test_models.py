@@ -8,6 +8,7 @@ each cell checks its callback's results in that fit against a direct computation
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Callable
 from typing import Any
@@ -271,29 +272,50 @@ def _lm(tmp_path: Any, callbacks: list, **overrides: Any) -> tuple[pl.LightningM
     return module, _fit(tmp_path, module, data, callbacks, **overrides)
 
 
-@pytest.mark.compat(LM_ROW, "stack")
-def test_language_model_stack(tmp_path):
-    early = EarlyStopping("val_loss", patience=10)
-    recorder = Probe()
-    module, trainer = _lm(tmp_path, [
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One stack fit of the language model, shared by its cells (the audit takes a ``loss_fn``:
+    its default calls ``model(inputs)``, and this model also reads the targets)."""
+    early, recorder = EarlyStopping("val_loss", patience=10), Probe()
+    module, trainer = _lm(tmp_path_factory.mktemp("lm"), [
         recorder, early, WeightDecayExclusion(verbose=False),
         GeneralizationGapMonitor(subset_size=64), RegularizationMonitor(),
         MembershipInferenceAudit(subset_size=64, loss_fn=models.sequence_losses),
         ProximalSparsity(l1=0.5), models.WorseLastEpoch(),
     ], max_epochs=EPOCHS)  # fmt: skip
-    metrics = trainer.callback_metrics
-    assert torch.isfinite(metrics["train_loss"])
-    assert 0.0 <= float(metrics["reg/privacy/auc"]) <= 1.0
-    values = [c["metrics"]["val_loss"] for c in recorder.checks]
+    return dict(early=early, checks=recorder.checks, module=module, trainer=trainer)
+
+
+@pytest.mark.compat(LM_ROW, "stack")
+def test_language_model_stack(lm_run):
+    module, trainer, checks = lm_run["module"], lm_run["trainer"], lm_run["checks"]
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    values = [c["metrics"]["val_loss"] for c in checks]
     best = min(range(len(values)), key=values.__getitem__)
-    assert early.best_epoch == best < EPOCHS - 1
-    final, expected = module.state_dict(), recorder.checks[best]["state"]
+    assert lm_run["early"].best_epoch == best < EPOCHS - 1
+    final, expected = module.state_dict(), checks[best]["state"]
     assert all(torch.equal(final[k], expected[k]) for k in final)
     # nn.MultiheadAttention's in_proj_bias and the LayerNorms do not decay; embeddings do
     names = {id(p): n for n, p in module.named_parameters()}
     no_decay = {names[id(p)] for p in trainer.optimizers[0].param_groups[1]["params"]}
     assert no_decay == {n for n, p in module.named_parameters() if p.ndim < 2}
     assert any(n.endswith("in_proj_bias") for n in no_decay)
+
+
+@pytest.mark.compat(LM_ROW, "MembershipInferenceAudit")
+def test_language_model_audit_with_a_sequence_loss_fn(lm_run):
+    module, check = copy.deepcopy(lm_run["module"]), lm_run["checks"][-1]
+    module.load_state_dict(check["state"])  # the weights of the last audit
+    module.eval()
+    data = lm_run["trainer"].datamodule
+    with torch.no_grad():
+        members, nonmembers = (
+            torch.cat([models.sequence_losses(module, b) for b in loader])
+            for loader in (data.train_dataloader(), data.val_dataloader())
+        )  # fmt: skip
+    value = check["metrics"]["reg/privacy/auc"]
+    assert 0.0 <= value <= 1.0
+    assert value == pytest.approx(models.auc(members, nonmembers), abs=1e-6)
 
 
 @pytest.mark.compat(
