@@ -339,7 +339,16 @@ class MembershipInferenceAudit(Callback):
             ) from err
         # the strategy's wrapper (DDP, FSDP) runs the module's forward, as in Lightning's steps
         model = trainer.strategy.model or pl_module
-        return F.cross_entropy(model(x), y, reduction="none")
+        try:
+            logits = model(x)
+        except TypeError as err:  # e.g. a forward that also takes the targets (teacher forcing)
+            raise RuntimeError(
+                "MembershipInferenceAudit's default loss calls your model with the inputs alone, "
+                f"`model(inputs)`, which failed for {type(pl_module).__name__} ({err}). Pass "
+                "`loss_fn(pl_module, batch)` returning one loss per sample (for a sequence "
+                "model, e.g. the mean token loss of each sequence)."
+            ) from err
+        return F.cross_entropy(logits, y, reduction="none")
 
     # ----------------------------------------------------------------------------------- state
     @override

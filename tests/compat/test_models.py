@@ -337,3 +337,10 @@ def test_language_model_label_smoothing_is_refused_at_the_first_batch(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)got \(8, 8\).*label_smoothing="):
         _lm(tmp_path, [probe, LabelSmoothing(0.1, num_classes=16)], max_epochs=1)
     assert len(probe.before) == 1 and not probe.after  # before the first step
+
+
+def test_language_model_audit_default_loss_asks_for_a_loss_fn(tmp_path):
+    # not a cell of its own: with `loss_fn` the audit works (above); without it, the default
+    # `model(inputs)` cannot call a teacher-forced model, and the error says what to pass
+    with pytest.raises(RuntimeError, match=r"(?s)model\(inputs\).*LanguageModel.*`loss_fn"):
+        _lm(tmp_path, [MembershipInferenceAudit(subset_size=16)], max_epochs=1)
