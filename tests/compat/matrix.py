@@ -55,7 +55,7 @@ class Matrix:
         """The table (rows x columns) and the reasons of the refused and skipped cells."""
         used = [c for c in COLUMNS if any(c in cols for cols in self.cells.values())]
         lines = [
-            "| stack | " + " | ".join(used) + " |",
+            "| row | " + " | ".join(used) + " |",
             "|---|" + "---|" * len(used),
         ]
         reasons: list[str] = []
@@ -73,5 +73,5 @@ class Matrix:
                 entries.append(text)
             lines.append(f"| {row} | " + " | ".join(entries) + " |")
         if reasons:
-            lines += ["", *(f"{r.replace('- ', f'[{i}] ', 1)}" for i, r in enumerate(reasons, 1))]
+            lines += ["", *(r.replace("- ", f"- [{i}] ", 1) for i, r in enumerate(reasons, 1))]
         return "\n".join(lines) + "\n"
