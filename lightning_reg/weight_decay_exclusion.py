@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_reg._lightning import is_lightning_class
 from lightning_reg._optim import (
     SOURCE_KEY,
     GroupLink,
@@ -185,6 +186,7 @@ class WeightDecayExclusion(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refuse_sharded_flat_views(trainer.strategy, trainer.world_size)
         self._split = split = split_parameters(pl_module, include_frozen=True, **self.rules)
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         for index, optimizer in enumerate(trainer.optimizers):
@@ -329,6 +331,28 @@ class _Layout:
 
 def _excluded(split: WeightDecaySplit) -> set[int]:
     return {id(p) for _, p in split.no_decay if not _is_flattened(p)}  # flat ones keep decay
+
+
+def refuse_sharded_flat_views(strategy: Any, world_size: int) -> None:
+    """Refuse FSDP1 on several ranks: its parameters are then 1-d shards of the weights.
+
+    With ``use_orig_params=True`` the module's parameters outside ``forward`` are views into each
+    rank's flat shard, all 1-d, so the "1d" rule would exclude every weight and the split would
+    silently turn weight decay off for the whole model. (One rank keeps the original shapes;
+    FSDP2 keeps them as DTensors.)
+
+    Raises:
+        RuntimeError: under ``FSDPStrategy`` with more than one rank.
+    """
+    if world_size > 1 and is_lightning_class(strategy, "FSDPStrategy"):
+        raise RuntimeError(
+            "WeightDecayExclusion cannot split FSDPStrategy (FSDP1) parameters across "
+            f"{world_size} ranks: outside forward they are 1-d shards of the weights, so it cannot "
+            "tell weights from biases and gains by shape. Use ModelParallelStrategy (FSDP2, "
+            "`fully_shard` in `configure_model`), which keeps the shapes, or build the groups "
+            "yourself with `lightning_reg.param_groups(self, weight_decay)` in "
+            "`configure_optimizers` and drop the callback."
+        )
 
 
 def _check_known(split: WeightDecaySplit, groups: Sequence[dict[str, Any]], index: int) -> None:

@@ -305,3 +305,14 @@ def test_optimizer_over_tensors_the_module_does_not_own_is_refused(tmp_path):
         fit(tmp_path, ForeignTensors(all_foreign=True), [WeightDecayExclusion()], max_epochs=1)
     with pytest.warns(UserWarning, match=r"1 of the 11 decayed tensors .* keep the decay"):
         fit(tmp_path, ForeignTensors(all_foreign=False), [WeightDecayExclusion()], max_epochs=1)
+
+
+def test_fsdp1_on_several_ranks_is_refused_and_one_rank_or_fsdp2_is_not():
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from lightning_reg.weight_decay_exclusion import refuse_sharded_flat_views
+
+    with pytest.raises(RuntimeError, match=r"1-d shards.*ModelParallelStrategy"):
+        refuse_sharded_flat_views(FSDPStrategy(), world_size=2)
+    refuse_sharded_flat_views(FSDPStrategy(), world_size=1)
+    refuse_sharded_flat_views(ModelParallelStrategy(), world_size=2)
