@@ -411,7 +411,9 @@ def test_flattened_fsdp1_parameters_are_refused_not_silently_undecayed(tmp_path)
             FullyShardedDataParallel(module, use_orig_params=False, device_id=torch.device("cpu"))
         assert [type(p).__name__ for p in module.parameters()] == ["Parameter"]  # the flat one
         optimizer = torch.optim.AdamW(module.parameters(), weight_decay=0.05)
-        trainer: Any = SimpleNamespace(optimizers=[optimizer], lr_scheduler_configs=[])
+        trainer: Any = SimpleNamespace(
+            optimizers=[optimizer], lr_scheduler_configs=[], strategy=None, world_size=1
+        )
         callback = WeightDecayExclusion(verbose=False)
         with pytest.raises(RuntimeError, match=r"flattened.*none of them is"):
             callback.on_fit_start(trainer, module)
