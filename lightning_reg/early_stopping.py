@@ -279,7 +279,20 @@ class _RestoreBestState(_MixinBase):
         if self._fitting:
             stopped = trainer.should_stop and self.stopping_reason_message is not None
             self._restore(pl_module, "after early stopping" if stopped else "at the end of fit")
+            self._align_averaged_model()
         self._end_fit()
+
+    def _align_averaged_model(self) -> None:
+        """Give weight averaging's model the restored weights too.
+
+        Its averaged model outlives ``fit``, and a later ``trainer.validate`` on the same Trainer
+        swaps it in: without this, that validation would score the final average instead of
+        the weights the model now holds.
+        """
+        averaged = averaged_module(self._averaging) if self._averaging is not None else None
+        if averaged is not None and self._has_snapshot():
+            assert self._snapshot is not None
+            self._snapshot.restore(averaged)
 
     @override
     def on_exception(

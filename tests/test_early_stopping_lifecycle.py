@@ -108,7 +108,7 @@ def test_with_ema_the_model_ends_with_the_validated_weights_of_the_best_check(tm
     es, ema = EarlyStopping("val_loss", patience=3), EMAWeightAveraging(decay=0.6)
     seen = ValidatedWeights()
     callbacks = [es, ema, seen] if order == "es-first" else [ema, es, seen]
-    fit(tmp_path, model, callbacks, dm=dm, max_epochs=25)
+    trainer = fit(tmp_path, model, callbacks, dm=dm, max_epochs=25)
     best = min(seen.values, key=seen.values.get)
     assert best < max(seen.values)  # the restore has work to do
     assert es.best_epoch == best and es.best_value == seen.values[best]
@@ -117,6 +117,11 @@ def test_with_ema_the_model_ends_with_the_validated_weights_of_the_best_check(tm
     check = pl.Trainer(**trainer_kwargs(tmp_path / "check"))
     score = check.validate(model, datamodule=dm, verbose=False)[0]["val_loss"]
     assert score == pytest.approx(es.best_value, rel=1e-5)
+    # and so does a validation on the fit's own Trainer, where the averaging callback swaps its
+    # averaged model in
+    again = trainer.validate(model, datamodule=dm, verbose=False)[0]["val_loss"]
+    assert again == pytest.approx(es.best_value, rel=1e-5)
+    assert same_state(model.state_dict(), seen.states[best])
 
 
 def test_ema_with_a_check_at_train_epoch_end_is_refused_at_setup(tmp_path):
