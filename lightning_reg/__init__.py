@@ -14,6 +14,8 @@ from lightning_reg.mixing import MixPlan, draw_mix_plan, mix_inputs, mixup_batch
 from lightning_reg.mixup import Mixup
 from lightning_reg.monitor import RegularizationMonitor, decay_metrics, weight_statistics
 from lightning_reg.privacy import MembershipInferenceAudit, loss_attack_metrics
+from lightning_reg.sam import SAM, SharpnessAwareMinimization
+from lightning_reg.sam_functional import sam_perturbation, sam_perturbed
 from lightning_reg.sparsity import ProximalSparsity, prox_elastic_net, prox_group_lasso, prox_l1
 from lightning_reg.weight_decay import (
     WeightDecaySplit,
@@ -26,6 +28,7 @@ from lightning_reg.weight_decay_exclusion import WeightDecayExclusion
 __version__ = "0.1.0"
 
 __all__ = [
+    "SAM",
     "BatchAdapter",
     "EarlyStopping",
     "GeneralizationGapMonitor",
@@ -36,6 +39,7 @@ __all__ = [
     "ProximalSparsity",
     "RegularizationMonitor",
     "RegularizedModule",
+    "SharpnessAwareMinimization",
     "WeightDecayExclusion",
     "WeightDecaySplit",
     "__version__",
@@ -49,6 +53,8 @@ __all__ = [
     "prox_elastic_net",
     "prox_group_lasso",
     "prox_l1",
+    "sam_perturbation",
+    "sam_perturbed",
     "smooth_targets",
     "split_parameters",
     "weight_statistics",

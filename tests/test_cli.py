@@ -26,6 +26,7 @@ from lightning_reg import (
     Mixup,
     ProximalSparsity,
     RegularizationMonitor,
+    SharpnessAwareMinimization,
     WeightDecayExclusion,
 )
 
@@ -219,6 +220,14 @@ CASES = {
         exclude: ["*.head.*"]
         """,
         {"l1": 0.001, "l2": 0.01, "penalty": "elastic_net", "warmup_steps": 100},
+    ),
+    SharpnessAwareMinimization: (
+        """
+        rho: 0.5
+        adaptive: true
+        interval: 2
+        """,
+        {"rho": 0.5, "adaptive": True, "interval": 2},
     ),
 }
 

@@ -21,6 +21,7 @@ from lightning_reg import (
     Mixup,
     ProximalSparsity,
     RegularizationMonitor,
+    SharpnessAwareMinimization,
     WeightDecayExclusion,
 )
 from tests.helpers import (
@@ -56,6 +57,10 @@ CANONICAL = {
     "ProximalSparsity": (
         lambda: ProximalSparsity(l1=1e-3),
         ["reg/proximal/strength", "reg/weights/sparsity"],
+    ),
+    "SAM": (
+        lambda: SharpnessAwareMinimization(rho=0.05),
+        ["reg/sam/rho", "reg/sam/perturbation_norm"],
     ),
 }
 # LabelSmoothing is left out of the stack: Mixup(label_smoothing=...) fuses it.

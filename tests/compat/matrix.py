@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 COLUMNS = (
     "EarlyStopping", "WeightDecayExclusion", "Mixup", "LabelSmoothing",
     "GeneralizationGapMonitor", "RegularizationMonitor", "MembershipInferenceAudit",
-    "ProximalSparsity", "stack",
+    "ProximalSparsity", "SAM", "stack",
 )  # fmt: skip
 
 SYMBOLS = {"passed": "pass", "failed": "FAIL", "skipped": "skip", "refused": "refused"}
