@@ -285,3 +285,45 @@ def test_ddp_two_processes_perturb_and_step_identically(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys()
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+
+class ManualSAM(TinyClassifier):
+    """The functional form in manual optimization, as sam_functional's docstring shows it."""
+
+    def __init__(self, rho: float) -> None:
+        super().__init__(lr=0.1)
+        self.rho = rho
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        self.manual_backward(F.cross_entropy(self(x), y))
+        with sam_perturbed(self.parameters(), rho=self.rho):
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self(x), y))
+        opt.step()
+        opt.zero_grad()
+
+
+def test_functional_form_in_manual_optimization_equals_the_direct_step(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    reference = TinyClassifier(lr=0.1)
+    model = ManualSAM(rho=0.2)
+    model.load_state_dict(reference.state_dict())
+    direct_sam_step(reference, first_batch(), rho=0.2, lr=0.1)
+    fit(tmp_path, [], model=model)
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_with_the_whole_stack(tmp_path):
+    from tests.test_stack import build
+
+    callbacks = [*build("stack"), SAM()]
+    model = TinyClassifier(lr=0.1, optimizer="adamw", weight_decay=0.05)
+    _, trainer = fit(tmp_path, callbacks, model=model, max_steps=-1, max_epochs=3,
+                     limit_val_batches=None)  # fmt: skip
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert "reg/sam/perturbation_norm" in trainer.callback_metrics
+    assert "reg/mixup/lambda" in trainer.callback_metrics
