@@ -327,3 +327,17 @@ def test_with_the_whole_stack(tmp_path):
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     assert "reg/sam/perturbation_norm" in trainer.callback_metrics
     assert "reg/mixup/lambda" in trainer.callback_metrics
+
+
+def test_sharded_strategies_are_refused():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_reg.sam import _refuse_unsupported
+
+    trainer = SimpleNamespace(
+        accumulate_grad_batches=1, precision_plugin=object(), strategy=ModelParallelStrategy()
+    )
+    with pytest.raises(RuntimeError, match="ModelParallelStrategy"):
+        _refuse_unsupported(trainer, TinyClassifier())  # type: ignore[arg-type]
