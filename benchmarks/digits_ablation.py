@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lightning_reg import (
+    SAM,
     EarlyStopping,
     LabelSmoothing,
     Mixup,
@@ -63,12 +64,18 @@ def recipes(demo):
             "+ ProximalSparsity l1=1e-3", reg,
             stack(WeightDecayExclusion, mixup, lambda: ProximalSparsity(1e-3)),
         ),
+        demo.Run("restore + SAM rho=0.05 (nothing else)", plain, stack(lambda: SAM(rho=0.05))),
+        demo.Run(
+            "demo recipe + SAM rho=0.05", reg,
+            stack(WeightDecayExclusion, mixup, lambda: SAM(rho=0.05)),
+        ),
     ]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", default="", help="run only the recipes whose name contains this")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -79,7 +86,8 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         data = demo.DigitsData(label_noise=0.3, seed=seed)
-        rows += [demo.train(run, data, demo_args, seed) for run in recipes(demo)]
+        chosen = [run for run in recipes(demo) if args.only in run.name]
+        rows += [demo.train(run, data, demo_args, seed) for run in chosen]
     summary = demo.summarize(rows)
     for row in summary:
         row.pop("seconds", None)
