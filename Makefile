@@ -50,7 +50,7 @@ pytest: $(TEST_STAMP)
 
 # the compatibility matrix alone, written to docs/compat_matrix.md (copied into the README)
 matrix: $(TEST_STAMP)
-	LIGHTNING_REG_MATRIX=docs/compat_matrix.md $(TBIN)/python -m pytest tests/compat tests/test_sam.py -q
+	LIGHTNING_REG_MATRIX=docs/compat_matrix.md $(TBIN)/python -m pytest tests/compat tests/test_sam.py tests/test_sam_mixed_precision.py -q
 
 test: lint typecheck pytest
 

@@ -51,11 +51,11 @@ if not (2, 4) <= (major, minor) < (2, 7):
     sys.exit(f"lightning {lightning.__version__} is outside >=2.4,<2.7: carry .whl (--fetch-wheels)")
 EOF
 
-echo "== pytest tests/test_cuda.py ($((SECONDS - start)) s)"
+echo "== pytest tests/test_cuda.py tests/test_sam_cuda.py ($((SECONDS - start)) s)"
 # --timeout guards a hung collective (FSDP)
 tests=0
 if [ "${TESTS_K:-}" != none ]; then
-    "$PY" -m pytest tests/test_cuda.py -q -rs --timeout=240 --junitxml="$out/test_cuda.xml" \
+    "$PY" -m pytest tests/test_cuda.py tests/test_sam_cuda.py -q -rs --timeout=240 --junitxml="$out/test_cuda.xml" \
         ${TESTS_K:+-k "$TESTS_K"}
     tests=$?
 fi

@@ -39,11 +39,13 @@ from lightning_reg import (
     ProximalSparsity,
     RegularizationMonitor,
     RegularizedModule,
+    SharpnessAwareMinimization,
     WeightDecayExclusion,
 )
 from lightning_reg.early_stopping import _RestoreBestState
 
 __all__ = [
+    "SAM",
     "BatchAdapter",
     "EarlyStopping",
     "GeneralizationGapMonitor",
@@ -53,8 +55,11 @@ __all__ = [
     "ProximalSparsity",
     "RegularizationMonitor",
     "RegularizedModule",
+    "SharpnessAwareMinimization",
     "WeightDecayExclusion",
 ]
+
+SAM = SharpnessAwareMinimization
 
 
 # mypy checks the mixin against lightning.pytorch's class; the two packages' signatures differ only

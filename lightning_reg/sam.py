@@ -33,6 +33,7 @@ from lightning_reg._eval_pass import (
     _results_owner,
     _set_metric_states_aside,
 )
+from lightning_reg._grad_scaler import ScaledSecondGradient, active_scaler, check_scaler_supported
 from lightning_reg._lightning import is_replicated
 from lightning_reg.sam_functional import sam_perturbed
 
@@ -62,6 +63,13 @@ class SharpnessAwareMinimization(Callback):
     second gradient is all-reduced too. This is SAM with ``m`` = the global batch (the paper's
     per-accelerator "m-sharpness" would use the local gradient).
 
+    Under ``precision="16-mixed"`` the perturbation uses the *unscaled* first gradient (Lightning
+    unscales it before this hook), the second loss is scaled like the first, and the second
+    gradient is unscaled and inf-checked before clipping and the step. A non-finite value in either
+    gradient skips the step and backs the scale off, as one overflow does without SAM (this needs
+    one private ``GradScaler`` attribute; see ``lightning_reg/_grad_scaler.py``). A step whose
+    ``training_step`` returned ``None`` (Lightning skips it) gets no second pass.
+
     Args:
         rho: neighbourhood radius (> 0).
         adaptive: ASAM (scale-invariant neighbourhood ``|w|``).
@@ -75,8 +83,7 @@ class SharpnessAwareMinimization(Callback):
         ValueError: for ``rho <= 0`` or ``interval < 1``.
         RuntimeError: at fit start, for manual optimization (use
             :func:`~lightning_reg.sam_perturbed` in your ``training_step``),
-            ``accumulate_grad_batches > 1``, ``precision="16-mixed"`` (a ``GradScaler``), or
-            sharded strategies (FSDP, DeepSpeed).
+            ``accumulate_grad_batches > 1``, or sharded strategies (FSDP, DeepSpeed).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -146,10 +153,18 @@ class SharpnessAwareMinimization(Callback):
             return
         batch, batch_idx = self._batch
         params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in self._targets]
+        if all(p.grad is None for p in params):
+            return  # `training_step` returned None: Lightning skips this step, so does SAM
+        scaler = active_scaler(trainer.precision_plugin)
+        scaled = None if scaler is None else ScaledSecondGradient(scaler, optimizer)
+        if scaled is not None:
+            scaled.before_second_pass()
         buffers = [b.detach().clone() for b in pl_module.buffers()]
         with torch.enable_grad(), sam_perturbed(params, self.rho, self.adaptive, self.eps) as norm:
             optimizer.zero_grad(set_to_none=True)
-            _second_backward(trainer, pl_module, optimizer, batch, batch_idx)
+            _second_backward(trainer, pl_module, optimizer, batch, batch_idx, scaled)
+        if scaled is not None:
+            scaled.after_second_pass()
         with torch.no_grad():
             for live, saved in zip(pl_module.buffers(), buffers, strict=True):
                 live.copy_(saved)
@@ -215,13 +230,9 @@ def _refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> N
             "revisit every accumulated batch, which no callback hook can reach. Use a larger "
             "batch size, or accumulate_grad_batches=1."
         )
-    if getattr(trainer.precision_plugin, "scaler", None) is not None:
-        raise RuntimeError(
-            "SAM does not support precision='16-mixed' (a GradScaler): the scaler has already "
-            "unscaled and checked the first gradient when the second is computed, and offers no "
-            "public way to unscale and check another one before its step. Use "
-            "precision='bf16-mixed' (no scaler) or 32."
-        )
+    scaler = active_scaler(trainer.precision_plugin)
+    if scaler is not None:
+        check_scaler_supported(scaler)
     if not is_replicated(trainer.strategy):
         raise RuntimeError(
             f"SAM supports single-device and DDP strategies, not {type(trainer.strategy).__name__}"
@@ -231,9 +242,13 @@ def _refuse_unsupported(trainer: pl.Trainer, pl_module: pl.LightningModule) -> N
 
 def _second_backward(
     trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer,
-    batch: Any, batch_idx: int,
+    batch: Any, batch_idx: int, scaled: ScaledSecondGradient | None,
 ) -> None:  # fmt: skip
-    """``training_step`` through the strategy (precision context, DDP forward) and backward."""
+    """``training_step`` through the strategy (precision context, DDP forward) and backward.
+
+    The order of Lightning's own ``Strategy.backward``: the strategy's ``pre_backward`` sees the
+    unscaled loss, the precision plugin backpropagates the (GradScaler-)scaled one.
+    """
     args: tuple[Any, ...] = (batch,)
     if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
         args += (batch_idx,)
@@ -247,7 +262,8 @@ def _second_backward(
         )
     strategy = trainer.strategy
     strategy.pre_backward(loss)
-    trainer.precision_plugin.backward(loss, pl_module, optimizer)
+    scaled_loss = loss if scaled is None else scaled.scale(loss)
+    trainer.precision_plugin.backward(scaled_loss, pl_module, optimizer)
     strategy.post_backward(loss)
 
 

@@ -42,6 +42,27 @@ def _perturbation(p: Tensor, scale: Tensor, adaptive: bool) -> Tensor:
     return e * p.square() if adaptive else e
 
 
+def _perturb_in_place(params: list[Tensor], rho: float, adaptive: bool, eps: float) -> Tensor:
+    """``p += e(p)`` for each parameter; returns ``||e||``.
+
+    SAM allocates no parameter-sized temporary (``addcmul_`` with the scale as a 0-d tensor);
+    ASAM one parameter's perturbation at a time.
+    """
+    if not adaptive:
+        total = torch.linalg.vector_norm(torch.stack([p.grad.norm(2) for p in params]))  # type: ignore[union-attr]
+        scale = rho / (total + eps)
+        for p in params:
+            p.addcmul_(p.grad, scale)  # type: ignore[arg-type]
+        return scale * total
+    scale = _ascent_scale(params, rho, adaptive, eps)
+    norms = []
+    for p in params:
+        e = _perturbation(p, scale, adaptive)
+        norms.append(torch.linalg.vector_norm(e))
+        p.add_(e)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 @torch.no_grad()
 def sam_perturbation(
     params: Iterable[Tensor], rho: float = 0.05, adaptive: bool = False, eps: float = 1e-12
@@ -76,24 +97,20 @@ def sam_perturbed(
 
     ``e(w)`` is :func:`sam_perturbation` of the gradients held on entry. The weights are restored
     bitwise (from a copy, not by subtracting ``e``), also when the block raises; the gradients
-    are left as the block leaves them. Extra memory: one copy of the perturbed weights, plus one
-    parameter's perturbation at a time.
+    are left as the block leaves them. Extra memory: one copy of the perturbed weights (ASAM: plus
+    one parameter's perturbation at a time).
 
     Yields:
         ``||e||`` over all perturbed parameters, a device tensor (read it later, not per step).
     """
     params = _with_grad(params)
     saved = [p.detach().clone() for p in params]
-    squares = []
+    norm = torch.zeros(())
     with torch.no_grad():
         if params:
-            scale = _ascent_scale(params, rho, adaptive, eps)
-            for p in params:
-                e = _perturbation(p, scale, adaptive)
-                squares.append(e.square().sum())
-                p.add_(e)
+            norm = _perturb_in_place(params, rho, adaptive, eps)
     try:
-        yield torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+        yield norm
     finally:
         with torch.no_grad():
             for p, w in zip(params, saved, strict=True):

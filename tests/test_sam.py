@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 from torchmetrics import SumMetric
 
@@ -229,7 +228,6 @@ def refused(row: str, why: str) -> pytest.MarkDecorator:
         pytest.param("accumulate", "accumulate_grad_batches=2", marks=refused(
             "accumulate_grad_batches=2", "the second pass cannot revisit the accumulated batches"
         )),
-        ("16-mixed", "16-mixed"),
     ],
 )  # fmt: skip
 def test_refused_at_fit_start(tmp_path, case, match):
@@ -237,9 +235,6 @@ def test_refused_at_fit_start(tmp_path, case, match):
     model = Manual() if case == "manual" else TinyClassifier()
     if case == "accumulate":
         kwargs["accumulate_grad_batches"] = 2
-    if case == "16-mixed":
-        scaler = torch.amp.GradScaler("cpu")
-        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
     with pytest.raises(RuntimeError, match=match):
         fit(tmp_path, [SAM()], model=model, **kwargs)
 
@@ -341,3 +336,24 @@ def test_sharded_strategies_are_refused():
     )
     with pytest.raises(RuntimeError, match="ModelParallelStrategy"):
         _refuse_unsupported(trainer, TinyClassifier())  # type: ignore[arg-type]
+
+
+class SkipsOddBatches(TinyClassifier):
+    """Returns ``None`` from ``training_step`` on odd batches: Lightning skips those steps."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.1)
+        self.calls = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:  # type: ignore[override]
+        self.calls += 1
+        return None if batch_idx % 2 else super().training_step(batch, batch_idx)
+
+
+def test_a_step_skipped_by_returning_none_gets_no_second_pass(tmp_path):
+    model = SkipsOddBatches()
+    sam = SAM(rho=0.2)
+    counts = SteppedCounts(sam)
+    fit(tmp_path, [sam, counts], model=model, max_steps=-1, max_epochs=1, limit_train_batches=6)
+    assert model.calls == 6 + 3
+    assert counts.counts == [1, 1, 2, 2, 3, 3]

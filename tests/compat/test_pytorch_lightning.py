@@ -11,6 +11,7 @@ distributed checks.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -41,6 +42,7 @@ from lightning_reg.pytorch_lightning import (
     Mixup,
     ProximalSparsity,
     RegularizationMonitor,
+    SharpnessAwareMinimization,
     WeightDecayExclusion,
 )
 from tests.compat.pl_helpers import (
@@ -255,6 +257,42 @@ def test_label_smoothing_smooths_the_training_targets(tmp_path: Path) -> None:
     # (1 - 0.3) * one_hot + 0.3 / 3: one 0.8 and two 0.1 per row
     assert sorted(targets.unique().tolist()) == pytest.approx([0.1, 0.8])
     assert torch.equal((targets > 0.5).sum(1), torch.ones(64, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------- SAM
+class _FirstBatch(pl.Callback):
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.batch = [t.clone() for t in batch]
+
+
+@_cell("SAM")
+def test_sam_step_equals_a_direct_sam_step_and_batchnorm_counts_once(tmp_path: Path) -> None:
+    from tests.test_sam import direct_perturbation
+
+    model = PLClassifier(lr=0.1)
+    reference = copy.deepcopy(model)
+    recorder = _FirstBatch()
+    trainer = pl_trainer(tmp_path, max_steps=1, limit_val_batches=0,
+                         callbacks=[SharpnessAwareMinimization(rho=0.2), recorder])  # fmt: skip
+    trainer.fit(model, datamodule=PLData())
+
+    x, y = recorder.batch
+    params = list(reference.parameters())
+    grads = torch.autograd.grad(F.cross_entropy(reference(x), y), params)
+    e = direct_perturbation([p.detach() for p in params], list(grads), 0.2, adaptive=False)
+    with torch.no_grad():
+        for p, d in zip(params, e, strict=True):
+            p.add_(d)
+    second = torch.autograd.grad(F.cross_entropy(reference(x), y), params)
+    with torch.no_grad():
+        for p, d, g in zip(params, e, second, strict=True):
+            p.sub_(d).sub_(0.1 * g)
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert int(model.net[1].num_batches_tracked) == 1  # the perturbed pass left no trace
+    assert len(model.seen_targets) == 2  # training_step ran twice on the one batch
 
 
 # ---------------------------------------------------------------------- MembershipInferenceAudit
