@@ -17,6 +17,14 @@ from lightning_reg.privacy import MembershipInferenceAudit, loss_attack_metrics
 from lightning_reg.sam import SAM, SharpnessAwareMinimization
 from lightning_reg.sam_functional import sam_perturbation, sam_perturbed
 from lightning_reg.sparsity import ProximalSparsity, prox_elastic_net, prox_group_lasso, prox_l1
+from lightning_reg.spectral import (
+    apply_spectral_norm,
+    constrained_spectral_norm,
+    estimated_sigma,
+    largest_singular_value,
+    select_layers,
+)
+from lightning_reg.spectral_norm import SpectralNormalization
 from lightning_reg.weight_decay import (
     WeightDecaySplit,
     coupled_weight_decay_warning,
@@ -40,12 +48,17 @@ __all__ = [
     "RegularizationMonitor",
     "RegularizedModule",
     "SharpnessAwareMinimization",
+    "SpectralNormalization",
     "WeightDecayExclusion",
     "WeightDecaySplit",
     "__version__",
+    "apply_spectral_norm",
+    "constrained_spectral_norm",
     "coupled_weight_decay_warning",
     "decay_metrics",
     "draw_mix_plan",
+    "estimated_sigma",
+    "largest_singular_value",
     "loss_attack_metrics",
     "mix_inputs",
     "mixup_batch",
@@ -55,6 +68,7 @@ __all__ = [
     "prox_l1",
     "sam_perturbation",
     "sam_perturbed",
+    "select_layers",
     "smooth_targets",
     "split_parameters",
     "weight_statistics",
