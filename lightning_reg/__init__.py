@@ -6,6 +6,8 @@ the standalone ``pytorch_lightning`` package import them from :mod:`lightning_re
 """
 
 from lightning_reg._batch import BatchAdapter
+from lightning_reg.calibration import calibration_bins, expected_calibration_error
+from lightning_reg.calibration_monitor import CalibrationMonitor
 from lightning_reg.early_stopping import EarlyStopping
 from lightning_reg.gap import GeneralizationGapMonitor
 from lightning_reg.label_smoothing import LabelSmoothing
@@ -38,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SAM",
     "BatchAdapter",
+    "CalibrationMonitor",
     "EarlyStopping",
     "GeneralizationGapMonitor",
     "LabelSmoothing",
@@ -53,11 +56,13 @@ __all__ = [
     "WeightDecaySplit",
     "__version__",
     "apply_spectral_norm",
+    "calibration_bins",
     "constrained_spectral_norm",
     "coupled_weight_decay_warning",
     "decay_metrics",
     "draw_mix_plan",
     "estimated_sigma",
+    "expected_calibration_error",
     "largest_singular_value",
     "loss_attack_metrics",
     "mix_inputs",
