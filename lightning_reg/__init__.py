@@ -11,6 +11,7 @@ from lightning_reg.calibration_monitor import CalibrationMonitor
 from lightning_reg.early_stopping import EarlyStopping
 from lightning_reg.gap import GeneralizationGapMonitor
 from lightning_reg.label_smoothing import LabelSmoothing
+from lightning_reg.mc_dropout import MCDropoutPrediction
 from lightning_reg.mixin import RegularizedModule
 from lightning_reg.mixing import MixPlan, draw_mix_plan, mix_inputs, mixup_batch, smooth_targets
 from lightning_reg.mixup import Mixup
@@ -27,6 +28,13 @@ from lightning_reg.spectral import (
     select_layers,
 )
 from lightning_reg.spectral_norm import SpectralNormalization
+from lightning_reg.uncertainty import (
+    MCDropoutResult,
+    dropout_active,
+    mc_dropout_predict,
+    mutual_information,
+    predictive_entropy,
+)
 from lightning_reg.weight_decay import (
     WeightDecaySplit,
     coupled_weight_decay_warning,
@@ -44,6 +52,8 @@ __all__ = [
     "EarlyStopping",
     "GeneralizationGapMonitor",
     "LabelSmoothing",
+    "MCDropoutPrediction",
+    "MCDropoutResult",
     "MembershipInferenceAudit",
     "MixPlan",
     "Mixup",
@@ -61,13 +71,17 @@ __all__ = [
     "coupled_weight_decay_warning",
     "decay_metrics",
     "draw_mix_plan",
+    "dropout_active",
     "estimated_sigma",
     "expected_calibration_error",
     "largest_singular_value",
     "loss_attack_metrics",
+    "mc_dropout_predict",
     "mix_inputs",
     "mixup_batch",
+    "mutual_information",
     "param_groups",
+    "predictive_entropy",
     "prox_elastic_net",
     "prox_group_lasso",
     "prox_l1",
