@@ -28,6 +28,7 @@ from lightning_reg.spectral import (
     select_layers,
 )
 from lightning_reg.spectral_norm import SpectralNormalization
+from lightning_reg.stochastic_depth import StochasticDepth
 from lightning_reg.uncertainty import (
     MCDropoutResult,
     dropout_active,
@@ -62,6 +63,7 @@ __all__ = [
     "RegularizedModule",
     "SharpnessAwareMinimization",
     "SpectralNormalization",
+    "StochasticDepth",
     "WeightDecayExclusion",
     "WeightDecaySplit",
     "__version__",
