@@ -45,17 +45,18 @@ LogitsFn = Callable[[pl.LightningModule, Any], Tensor]
 class CalibrationMonitor(Callback):
     """Log expected calibration error on validation and on a training subset, and their gap.
 
-    During each validation of ``fit``, the callback runs the model on the validation batch
-    (``pl_module(inputs)`` inside the precision plugin's forward context, or your ``logits_fn``)
-    and feeds a torchmetrics ``MulticlassCalibrationError``; your ``validation_step`` is left
-    alone. After the validation, the same scoring runs on a fixed, seeded subset of the training
-    set, in eval mode and without gradients, batches taking Lightning's transfer path (precision
-    conversion, batch-transfer hooks), with the weights that were just validated (the average,
-    beside Lightning's weight averaging). With the default ``subset_size`` and ``seed`` the subset
-    is the one :class:`~lightning_reg.GeneralizationGapMonitor` draws. ``Mixup`` and
-    ``LabelSmoothing`` change training batches only: both sets are scored against class indices.
-    Under DDP each rank scores its share and torchmetrics gathers the confidences, so the values
-    equal a single-process evaluation.
+    During each validation of ``fit``, just before your ``validation_step``, the callback runs
+    the model on the batch (``pl_module(inputs)`` inside the precision plugin's forward context,
+    or your ``logits_fn``) and feeds a torchmetrics ``MulticlassCalibrationError``; your
+    ``validation_step`` is left alone. After the validation, the same scoring runs on a fixed,
+    seeded subset of the training set, in eval mode and without gradients, batches taking
+    Lightning's transfer path (precision conversion, batch-transfer hooks), with the weights that
+    were just validated (the average, beside Lightning's weight averaging). With the default
+    ``subset_size`` and ``seed`` the subset is the one
+    :class:`~lightning_reg.GeneralizationGapMonitor` draws. ``Mixup`` and ``LabelSmoothing``
+    change training batches only: both sets are scored against class indices. Under DDP each rank
+    scores its share and torchmetrics gathers the confidences, so the values equal a
+    single-process evaluation.
 
     Outputs must be ``(N, C)`` logits or probabilities (a softmax is applied when a value lies
     outside ``[0, 1]``), targets ``(N,)`` class indices. Targets are not range-checked (that would
@@ -176,15 +177,15 @@ class CalibrationMonitor(Callback):
         self._val_metric = None
 
     @override
-    def on_validation_batch_end(
+    def on_validation_batch_start(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
-        outputs: Any,
         batch: Any,
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        # before `validation_step`, so an unscorable batch is refused before the user's code fails
         if not self._active(trainer) or dataloader_idx != self.val_dataloader_idx:
             return
         logits, targets = self._score_batch(trainer, pl_module, batch, "validation")
