@@ -17,6 +17,7 @@ from lightning_reg import (
     EarlyStopping,
     GeneralizationGapMonitor,
     LabelSmoothing,
+    MCDropoutPrediction,
     MembershipInferenceAudit,
     Mixup,
     ProximalSparsity,
@@ -62,6 +63,9 @@ CANONICAL = {
         lambda: SharpnessAwareMinimization(rho=0.05),
         ["reg/sam/rho", "reg/sam/perturbation_norm"],
     ),
+    # prediction-time only: these cases check that it leaves fit, resume and checkpoints alone;
+    # tests/test_mc_dropout.py tests what it does in `trainer.predict`
+    "MCDropoutPrediction": (lambda: MCDropoutPrediction(num_samples=8), []),
 }
 # LabelSmoothing is left out of the stack: Mixup(label_smoothing=...) fuses it.
 STACK = [
