@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_reg import (
+    CalibrationMonitor,
     EarlyStopping,
     GeneralizationGapMonitor,
     LabelSmoothing,
@@ -62,6 +63,10 @@ CANONICAL = {
     "SAM": (
         lambda: SharpnessAwareMinimization(rho=0.05),
         ["reg/sam/rho", "reg/sam/perturbation_norm"],
+    ),
+    "CalibrationMonitor": (
+        lambda: CalibrationMonitor(subset_size=64),
+        ["reg/calibration/val_ece", "reg/calibration/train_ece", "reg/calibration/gap"],
     ),
     # prediction-time only: these cases check that it leaves fit, resume and checkpoints alone;
     # tests/test_mc_dropout.py tests what it does in `trainer.predict`
