@@ -22,6 +22,7 @@ from lightning_reg import (
     EarlyStopping,
     GeneralizationGapMonitor,
     LabelSmoothing,
+    MCDropoutPrediction,
     MembershipInferenceAudit,
     Mixup,
     ProximalSparsity,
@@ -228,6 +229,22 @@ CASES = {
         interval: 2
         """,
         {"rho": 0.5, "adaptive": True, "interval": 2},
+    ),
+    MCDropoutPrediction: (
+        """
+        num_samples: 30
+        max_batch_size: 4096
+        seed: 3
+        logits_key: scores
+        prefix: dropout_
+        """,
+        {
+            "num_samples": 30,
+            "max_batch_size": 4096,
+            "seed": 3,
+            "logits_key": "scores",
+            "prefix": "dropout_",
+        },
     ),
 }
 
