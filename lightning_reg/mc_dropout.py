@@ -118,7 +118,9 @@ class MCDropoutPrediction(Callback):
             or not isinstance(max_batch_size, int)
             or max_batch_size < 1
         ):
-            raise ValueError(f"`max_batch_size` must be None or an integer >= 1, got {max_batch_size!r}.")
+            raise ValueError(
+                f"`max_batch_size` must be None or an integer >= 1, got {max_batch_size!r}."
+            )
         self.num_samples, self.max_batch_size, self.seed = num_samples, max_batch_size, seed
         self.logits_key, self.prefix = logits_key, prefix
         self._state_key = self._generate_state_key(num_samples=num_samples, seed=seed)

@@ -78,7 +78,7 @@ def mutual_information(sample_probs: Tensor, sample_dim: int = 0, class_dim: int
 
 
 def is_dropout_module(module: nn.Module) -> bool:
-    """torch's dropout modules, and any module whose class (or a base) has "Dropout" in its name.
+    """Torch's dropout modules, and any module whose class (or a base) has "Dropout" in its name.
 
     ``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ``FeatureAlphaDropout`` and, by name,
     third-party ones (``SpatialDropout``, ``timm``'s dropout variants). Stochastic depth
@@ -160,8 +160,8 @@ def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
         torch.random.default_generator.manual_seed(seed)
         if accelerator:
             module = torch.get_device_module(device.type)
-            with module.device(index):  # type: ignore[attr-defined]
-                module.manual_seed(seed)  # type: ignore[attr-defined]
+            with module.device(index):
+                module.manual_seed(seed)
         yield
 
 
@@ -169,8 +169,8 @@ def passes_per_forward(num_samples: int, batch_size: int, max_batch_size: int | 
     """How many passes one forward carries: all ``num_samples`` unless ``max_batch_size`` binds.
 
     Example:
-        >>> passes_per_forward(20, 8, None), passes_per_forward(20, 8, 64), passes_per_forward(20, 8, 5)
-        (20, 8, 1)
+        >>> [passes_per_forward(20, 8, limit) for limit in (None, 64, 5)]
+        [20, 8, 1]
     """
     if max_batch_size is None:
         return num_samples
@@ -194,21 +194,29 @@ class _Accumulator:
         if self.prob_sum is None or self.entropy_sum is None:
             self.prob_sum, self.entropy_sum = prob_sum, entropy_sum
         else:
-            self.prob_sum, self.entropy_sum = self.prob_sum + prob_sum, self.entropy_sum + entropy_sum
+            self.prob_sum, self.entropy_sum = (
+                self.prob_sum + prob_sum,
+                self.entropy_sum + entropy_sum,
+            )
         self.count += logits.shape[0]
 
     def result(self) -> MCDropoutResult:
         assert self.prob_sum is not None and self.entropy_sum is not None and self.count
         probs = self.prob_sum / self.count
         entropy = predictive_entropy(probs)
-        return MCDropoutResult(probs, entropy, (entropy - self.entropy_sum / self.count).clamp_min(0))
+        return MCDropoutResult(
+            probs, entropy, (entropy - self.entropy_sum / self.count).clamp_min(0)
+        )
 
 
 def run_passes(
     forward: Callable[[int], Tensor], num_samples: int, batch_size: int, max_batch_size: int | None
 ) -> MCDropoutResult:
-    """Run ``num_samples`` passes in forwards of ``k`` repeats: ``forward(k)`` returns logits
-    ``(k * batch_size, classes)``, the ``k`` copies of the batch one after the other."""
+    """Run ``num_samples`` passes in forwards of ``k`` repeats of the batch, and average them.
+
+    ``forward(k)`` returns the logits ``(k * batch_size, classes)`` of the ``k`` copies of the
+    batch one after the other.
+    """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
     per_forward = passes_per_forward(num_samples, batch_size, max_batch_size)
