@@ -39,7 +39,9 @@ from lightning_reg.tensorboard import log_scalars
 
 __all__ = ["CalibrationMonitor"]
 
-LogitsFn = Callable[[pl.LightningModule, Any], Tensor]
+# returns (N, C) logits; typed `Any` because LightningCLI (jsonargparse) reads a callable typed to
+# return a class as a factory of that class and refuses a plain function's import path
+LogitsFn = Callable[[pl.LightningModule, Any], Any]
 
 
 class CalibrationMonitor(Callback):

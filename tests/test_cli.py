@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import lightning_reg
 from lightning_reg import (
+    CalibrationMonitor,
     EarlyStopping,
     GeneralizationGapMonitor,
     LabelSmoothing,
@@ -229,6 +230,30 @@ CASES = {
         interval: 2
         """,
         {"rho": 0.5, "adaptive": True, "interval": 2},
+    ),
+    CalibrationMonitor: (
+        """
+        subset_size: 256
+        n_bins: 10
+        num_classes: 10
+        logits_fn: tests.test_calibration.logits_from_dict
+        input_key: x
+        target_key: y
+        batch_size: 128
+        seed: 3
+        val_dataloader_idx: 1
+        """,
+        {
+            "subset_size": 256,
+            "n_bins": 10,
+            "num_classes": 10,
+            "adapter.input_key": "x",
+            "adapter.target_key": "y",
+            "batch_size": 128,
+            "seed": 3,
+            "val_dataloader_idx": 1,
+            "logits_fn.__name__": "logits_from_dict",
+        },
     ),
     MCDropoutPrediction: (
         """
