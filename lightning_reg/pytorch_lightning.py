@@ -32,6 +32,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the enviro
 
 from lightning_reg import (
     BatchAdapter,
+    CalibrationMonitor,
     GeneralizationGapMonitor,
     LabelSmoothing,
     MCDropoutPrediction,
@@ -48,6 +49,7 @@ from lightning_reg.early_stopping import _RestoreBestState
 __all__ = [
     "SAM",
     "BatchAdapter",
+    "CalibrationMonitor",
     "EarlyStopping",
     "GeneralizationGapMonitor",
     "LabelSmoothing",

@@ -155,3 +155,17 @@ def test_two_processes_give_the_single_process_value(tmp_path):
     logged = trainer.callback_metrics
     assert logged["reg/calibration/val_ece"].item() == pytest.approx(val, abs=1e-5)
     assert logged["reg/calibration/train_ece"].item() == pytest.approx(train, abs=1e-5)
+
+
+def test_under_the_pytorch_lightning_package(tmp_path):
+    from lightning_reg.pytorch_lightning import CalibrationMonitor as PLCalibrationMonitor
+    from tests.compat.pl_helpers import PLClassifier, PLData, pl_trainer
+
+    pl.seed_everything(0, verbose=False)
+    model, data = PLClassifier(), PLData()
+    trainer = pl_trainer(tmp_path, callbacks=[PLCalibrationMonitor(subset_size=32)], max_epochs=2)
+    trainer.fit(model, datamodule=data)
+    val, train = _direct_callback_values(model, data, 32)
+    logged = trainer.callback_metrics
+    assert logged["reg/calibration/val_ece"].item() == pytest.approx(val, abs=1e-5)
+    assert logged["reg/calibration/train_ece"].item() == pytest.approx(train, abs=1e-5)
