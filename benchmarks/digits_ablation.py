@@ -2,8 +2,9 @@
 
 Every row starts from the demo's baseline with best-weight restore (``EarlyStopping``) and adds
 one ingredient of the demo's regularized recipe, on the same three seeds, with 30% of the training
-labels flipped. Prints mean test accuracy, the honest gap and the membership-inference AUC of the
-final model. Run from the repository root::
+labels flipped. Prints mean test accuracy, test calibration (expected calibration error and mean
+confidence minus accuracy), the honest gap and the membership-inference AUC of the final model.
+Run from the repository root::
 
     .venv/bin/python benchmarks/digits_ablation.py            # three seeds, about 2 minutes
     .venv/bin/python benchmarks/digits_ablation.py --seeds 0  # one seed
@@ -58,6 +59,10 @@ def recipes(demo):
         demo.Run(
             "+ label smoothing 0.1 only", reg,
             stack(WeightDecayExclusion, lambda: LabelSmoothing(0.1, num_classes=10)),
+        ),
+        demo.Run(
+            "+ Mixup 1.0 only", reg,
+            stack(WeightDecayExclusion, lambda: Mixup(1.0, num_classes=10)),
         ),
         demo.Run("+ Mixup 1.0 + smoothing 0.1 (demo)", reg, stack(WeightDecayExclusion, mixup)),
         demo.Run(

@@ -35,8 +35,10 @@ def test_demo_prints_table_and_writes_event_files(tmp_path, capsys):
     assert [r["run"] for r in rows] == [run.name for run in demo.runs()] * 2
     assert "train acc (given labels)" in out and "tensorboard --logdir" in out
     assert "Mean over seeds [0, 1]" in out and "test acc std" in out
+    assert "test ECE" in out and "test conf-acc" in out
     for row in rows:
         assert 0.0 <= row["test acc"] <= 1.0
+        assert 0.0 <= row["test ECE"] <= 1.0 and abs(row["test conf-acc"]) <= row["test ECE"] + 1e-6
     events = list((tmp_path / "digits").rglob("events.out.tfevents.*"))
     assert len(events) == len(rows)
 
