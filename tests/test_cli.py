@@ -29,6 +29,7 @@ from lightning_reg import (
     ProximalSparsity,
     RegularizationMonitor,
     SharpnessAwareMinimization,
+    StochasticDepth,
     WeightDecayExclusion,
 )
 
@@ -269,6 +270,22 @@ CASES = {
             "seed": 3,
             "logits_key": "scores",
             "prefix": "dropout_",
+        },
+    ),
+    StochasticDepth: (
+        """
+        rate: 0.2
+        start_epoch: 2
+        warmup_epochs: 5
+        blocks: ["model.layer*.*.bn2"]
+        seed: 4
+        """,
+        {
+            "rate": 0.2,
+            "start_epoch": 2,
+            "warmup_epochs": 5,
+            "blocks": ["model.layer*.*.bn2"],
+            "seed": 4,
         },
     ),
 }
