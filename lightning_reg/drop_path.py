@@ -122,15 +122,20 @@ class DropPathModule:
 
     @property
     def rate(self) -> float:
+        """The module's current rate."""
         return float(getattr(self.module, self.attribute))
 
     def set_rate(self, rate: float) -> None:
+        """Set the module's rate (what its own forward reads)."""
         setattr(self.module, self.attribute, rate)
 
 
 def find_drop_path_modules(model: nn.Module) -> list[DropPathModule]:
-    """Drop-path modules of ``model`` in registration order (timm's ``DropPath``, ``drop_prob``;
-    torchvision's ``StochasticDepth``, ``p``), recognised by class name and rate attribute."""
+    """Drop-path modules of ``model``, in registration order.
+
+    timm's ``DropPath`` (rate ``drop_prob``) and torchvision's ``StochasticDepth`` (``p``),
+    recognised by class name (in the MRO) and rate attribute.
+    """
     found = []
     for name, module in model.named_modules():
         for cls in type(module).__mro__:
@@ -207,9 +212,11 @@ class RandomSource:
         self._seeded: set[torch.device] = set()
 
     def reseed(self, seed: int) -> None:
+        """Use ``seed`` from now on: each device's generator is reseeded at its next draw."""
         self.seed, self._seeded = seed, set()
 
     def generator(self, device: torch.device) -> torch.Generator:
+        """The generator of ``device``, seeded with the current seed."""
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
@@ -236,6 +243,7 @@ class BranchDrop:
         self.source, self.rate = source, rate
 
     def __call__(self, module: nn.Module, args: object, output: Tensor) -> Tensor | None:
+        """The dropped output in training; ``None`` (output unchanged) otherwise."""
         if not module.training or self.rate <= 0.0 or not isinstance(output, Tensor):
             return None
         return drop_path(output, self.rate, True, self.source.generator(output.device))

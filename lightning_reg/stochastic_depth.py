@@ -185,7 +185,7 @@ class StochasticDepth(Callback):
         rates = depth_rates(self._current, self._depth)
         for found, depth in self._modules:
             found.set_rate(rates[depth - 1])
-        for hook, rate in zip(self._hooks, rates, strict=True):
+        for hook, rate in zip(self._hooks, rates if self._hooks else [], strict=True):
             hook.rate = rate
 
     @override
