@@ -169,3 +169,20 @@ def test_under_the_pytorch_lightning_package(tmp_path):
     logged = trainer.callback_metrics
     assert logged["reg/calibration/val_ece"].item() == pytest.approx(val, abs=1e-5)
     assert logged["reg/calibration/train_ece"].item() == pytest.approx(train, abs=1e-5)
+
+
+def test_bf16_mixed_scores_the_autocast_outputs(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    model, dm = TinyClassifier(hidden=32, lr=0.1), BlobsDataModule()
+    trainer = pl.Trainer(**trainer_kwargs(
+        tmp_path, callbacks=[CalibrationMonitor(subset_size=64)], max_epochs=1,
+        precision="bf16-mixed",
+    ))  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        val, train = _direct_callback_values(model, dm, 64)
+    full_precision_val, _ = _direct_callback_values(model, dm, 64)
+    logged = trainer.callback_metrics
+    assert logged["reg/calibration/val_ece"].item() == pytest.approx(val, abs=1e-5)
+    assert logged["reg/calibration/train_ece"].item() == pytest.approx(train, abs=1e-5)
+    assert val != full_precision_val  # the autocast outputs were scored, not float32 ones
