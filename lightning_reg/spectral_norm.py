@@ -142,6 +142,12 @@ class SpectralNormalization(Callback):
         """Names of the layers constrained in the current (or last) run."""
         return list(self._constrained)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Lightning attaches the module's bound `log`/`log_dict` to every callback at fit start;
+        # they would drag the module along, and torch refuses to pickle a parametrized module.
+        # The next fit attaches them again.
+        return {k: v for k, v in vars(self).items() if k not in ("log", "log_dict")}
+
     def regularization_settings(self) -> dict[str, Any]:
         """This callback's settings, for the TensorBoard hparams view."""
         return {
