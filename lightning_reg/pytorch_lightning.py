@@ -42,6 +42,7 @@ from lightning_reg import (
     RegularizationMonitor,
     RegularizedModule,
     SharpnessAwareMinimization,
+    StochasticDepth,
     WeightDecayExclusion,
 )
 from lightning_reg.early_stopping import _RestoreBestState
@@ -60,6 +61,7 @@ __all__ = [
     "RegularizationMonitor",
     "RegularizedModule",
     "SharpnessAwareMinimization",
+    "StochasticDepth",
     "WeightDecayExclusion",
 ]
 
