@@ -535,3 +535,40 @@ def test_ddp_two_processes_same_weights_distinct_masks(tmp_path):
     assert same_state(ranks[0]["params"], ranks[1]["params"])  # BatchNorm buffers are per rank
     assert ranks[0]["masks"].any() and ranks[1]["masks"].any()
     assert not torch.equal(ranks[0]["masks"], ranks[1]["masks"])
+
+
+def test_standalone_pytorch_lightning_trainer(tmp_path):
+    import pytorch_lightning as ptl
+
+    from lightning_reg.pytorch_lightning import StochasticDepth as PLStochasticDepth
+
+    class PLClassifier(ptl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_resnet()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    zeros: list[Tensor] = []
+
+    class Watch(ptl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.handle = pl_module.model[5].bn2.register_forward_hook(
+                lambda m, a, out: zeros.append((out.flatten(1) == 0).all(dim=1))
+            )
+
+        def on_fit_end(self, trainer, pl_module):
+            self.handle.remove()
+
+    module = PLClassifier()
+    trainer = ptl.Trainer(**trainer_kwargs(
+        tmp_path, max_epochs=1, callbacks=[PLStochasticDepth(rate=0.5), Watch()]
+    ))  # fmt: skip
+    trainer.fit(module, loaders(size=8)[0])
+    assert torch.cat(zeros).any() and not torch.cat(zeros).all()
+    assert hooks_left(module) == 0
