@@ -29,6 +29,7 @@ from lightning_reg import (
     ProximalSparsity,
     RegularizationMonitor,
     SharpnessAwareMinimization,
+    SpectralNormalization,
     StochasticDepth,
     WeightDecayExclusion,
 )
@@ -231,6 +232,22 @@ CASES = {
         interval: 2
         """,
         {"rho": 0.5, "adaptive": True, "interval": 2},
+    ),
+    SpectralNormalization: (
+        """
+        modules: ["net.*"]
+        types: [torch.nn.Linear, torch.nn.Conv2d]
+        n_power_iterations: 2
+        log_unconstrained: true
+        remove_at_end: true
+        """,
+        {
+            "modules": ["net.*"],
+            "types": (torch.nn.Linear, torch.nn.Conv2d),
+            "n_power_iterations": 2,
+            "log_unconstrained": True,
+            "remove_at_end": True,
+        },
     ),
     CalibrationMonitor: (
         """
