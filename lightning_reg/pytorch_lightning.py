@@ -42,6 +42,7 @@ from lightning_reg import (
     RegularizationMonitor,
     RegularizedModule,
     SharpnessAwareMinimization,
+    SpectralNormalization,
     StochasticDepth,
     WeightDecayExclusion,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "RegularizationMonitor",
     "RegularizedModule",
     "SharpnessAwareMinimization",
+    "SpectralNormalization",
     "StochasticDepth",
     "WeightDecayExclusion",
 ]
