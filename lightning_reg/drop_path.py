@@ -83,8 +83,8 @@ def depth_rates(rate: float, num_blocks: int) -> list[float]:
     """Huang et al.'s linear rule: block ``l`` (1-based) of ``L`` gets ``rate * l / L``.
 
     Example:
-        >>> depth_rates(0.2, 4)
-        [0.05, 0.1, 0.15, 0.2]
+        >>> depth_rates(0.5, 4)
+        [0.125, 0.25, 0.375, 0.5]
     """
     if num_blocks < 0:
         raise ValueError(f"`num_blocks` must be >= 0, got {num_blocks}.")
