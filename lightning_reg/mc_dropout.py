@@ -65,7 +65,8 @@ class MCDropoutPrediction(Callback):
     - ``callback.predictions``: after ``trainer.predict``, an
       :class:`~lightning_reg.uncertainty.MCDropoutResult` (``probs``, ``entropy``,
       ``mutual_information``, on CPU, in this rank's order) for one dataloader, a list of them for
-      several (as ``trainer.predict`` returns). Under DDP each rank holds its own samples.
+      several (as ``trainer.predict`` returns). Under DDP each rank holds its own samples (with
+      ``ddp_spawn``, in its worker process: the main process's object stays empty).
     - dict outputs gain ``f"{prefix}probs"``, ``f"{prefix}entropy"`` and
       ``f"{prefix}mutual_information"`` in place, so ``trainer.predict``'s return value and a
       :class:`~lightning.pytorch.callbacks.BasePredictionWriter` (listed *after* this callback, or
@@ -136,6 +137,11 @@ class MCDropoutPrediction(Callback):
     def regularization_settings(self) -> dict[str, Any]:
         """This callback's settings, for the TensorBoard hparams view."""
         return {"MCDropout/num_samples": self.num_samples}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict":  # also when no batch will run (`limit_predict_batches=0`)
+            self.predictions, self._batches = None, []
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -212,6 +212,9 @@ def test_dict_outputs_gain_the_results_and_seed_everything_decides(tmp_path):
     assert all(torch.equal(a["mc_probs"], b["mc_probs"]) for a, b in zip(out, again, strict=True))
     other = predict(2)
     assert not torch.equal(out[0]["mc_probs"], other[0]["mc_probs"])
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[mc], limit_predict_batches=0))
+    trainer.predict(model, _loader())
+    assert mc.predictions is None  # a run without batches holds nothing of the previous one
 
 
 class VisionClassifier(pl.LightningModule):
