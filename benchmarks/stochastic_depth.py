@@ -21,7 +21,8 @@ run the branch, scatter-add into the shortcut), i.e. a different ``forward``; a 
 prevent the hooked module from running and a forward pre-hook cannot return an output, so without
 replacing a method (which this library does not do) the compute is not saved.
 
-Usage: ``python benchmarks/stochastic_depth.py [--steps 13] [--rounds 3] [--batch 32] [--size 16]``.
+Usage: ``python benchmarks/stochastic_depth.py [--steps 13] [--rounds 3] [--batch 32] [--size 16]
+[--threads 1]``.
 Times are machine-dependent and never asserted.
 """
 
@@ -91,7 +92,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # on a busy 2-core machine, 2 threads collapse (spin-waits)
     warnings.filterwarnings("ignore")
     times: dict[str, list[float]] = {"bare": [], "hooks": []}
     for _ in range(args.rounds):
