@@ -258,12 +258,16 @@ def test_timm_rates_scheduled_each_epoch_and_restored(tmp_path):
 
 
 def test_timm_rates_restored_when_fit_raises(tmp_path):
+    module = Classifier("resnet10t")
+    recorder = RecordRates()
+    trainer = pl.Trainer(**trainer_kwargs(
+        tmp_path, max_epochs=3, callbacks=[StochasticDepth(rate=0.4), recorder, CrashAt(1)]
+    ))  # fmt: skip
     with pytest.raises(RuntimeError, match="simulated crash"):
-        fit(tmp_path, "resnet10t", [StochasticDepth(rate=0.4), CrashAt(1)], n=16)
-    # the module is rebuilt under the same seed: compare with a fresh instance's rates
-    pl.seed_everything(0, verbose=False)
-    fresh = [m.drop_prob for m in MODELS["resnet10t"]().modules() if hasattr(m, "drop_prob")]
-    assert fresh == pytest.approx([0.05 * i / 3 for i in (1, 2, 3)])
+        trainer.fit(module, loaders(n=16)[0])
+    assert max(recorder.rates[0].values()) == pytest.approx(0.4)  # the callback did act
+    restored = [m.drop_prob for m in module.modules() if type(m).__name__ == "DropPath"]
+    assert restored == pytest.approx([0.05 * i / 3 for i in (1, 2, 3)])
 
 
 # ---------------------------------------------------------------------------------------------
