@@ -28,6 +28,7 @@ from lightning_reg import (
     RegularizationMonitor,
     SharpnessAwareMinimization,
     SpectralNormalization,
+    StochasticDepth,
     WeightDecayExclusion,
 )
 from tests.helpers import (
@@ -78,6 +79,12 @@ CANONICAL = {
     "SpectralNormalization": (
         lambda: SpectralNormalization(types=(nn.Linear,)),
         ["reg/spectral/net.0", "reg/spectral/net.3"],
+    ),
+    # TinyClassifier has no residual block: `blocks=` points the hook path at its hidden layer so
+    # the generic checks run; tests/test_stochastic_depth.py tests timm and torchvision models
+    "StochasticDepth": (
+        lambda: StochasticDepth(rate=0.2, blocks=["net.0"]),
+        ["reg/stochastic_depth/rate"],
     ),
 }
 # LabelSmoothing is left out of the stack: Mixup(label_smoothing=...) fuses it.
