@@ -6,6 +6,8 @@
 - :func:`scheduled_rate`: the final block's rate at an epoch (off, then a linear warm-up).
 - :func:`find_drop_path_modules` / :func:`find_residual_branches`: what can carry the drop.
 - :class:`BranchDrop`: a forward hook dropping a branch's output, for modules without drop path.
+- :class:`BranchSkip`: a forward pre-hook + forward hook pair that runs a torchvision ResNet
+  block's branch on the kept samples only, so dropped samples cost no branch compute.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 __all__ = [
     "BlockSelector",
     "BranchDrop",
+    "BranchSkip",
     "DropPathModule",
     "RandomSource",
     "depth_rates",
@@ -29,6 +32,7 @@ __all__ = [
     "find_residual_branches",
     "scheduled_rate",
     "step_seed",
+    "torchvision_branch",
     "torchvision_branch_end",
 ]
 
@@ -37,9 +41,12 @@ BlockSelector = Callable[[str, nn.Module], bool]
 
 # drop-path module classes (by name) and the attribute holding their rate
 _RATE_ATTRIBUTES = {"DropPath": "drop_prob", "StochasticDepth": "p"}
-# torchvision's residual blocks (by name, in any `torchvision.models...` module) and the last
-# module of their residual branch
+# torchvision's residual blocks (by name, in any `torchvision.models...` module) and the first and
+# last modules of their residual branch: `forward` calls `conv1(x)` on the block input `x` and
+# adds the shortcut (`x` or `downsample(x)`) to `bn2`/`bn3`'s output; nothing in between mixes
+# samples except BatchNorm's batch statistics (torchvision/models/resnet.py, and quantization/)
 _TORCHVISION_BRANCH_ENDS = {"BasicBlock": "bn2", "Bottleneck": "bn3"}
+_TORCHVISION_BRANCH_START = "conv1"
 
 
 def drop_path(
@@ -173,6 +180,15 @@ def torchvision_branch_end(module: nn.Module) -> str | None:
     return None
 
 
+def torchvision_branch(module: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(first, last)`` of a torchvision ResNet block's branch: ``conv1``, ``bn2``/``bn3``."""
+    end = torchvision_branch_end(module)
+    start = getattr(module, _TORCHVISION_BRANCH_START, None)
+    if end is None or not isinstance(start, nn.Module):
+        return None
+    return start, getattr(module, end)
+
+
 def find_residual_branches(
     model: nn.Module, blocks: Sequence[str] | BlockSelector | None = None
 ) -> list[tuple[str, nn.Module]]:
@@ -225,6 +241,17 @@ class RandomSource:
             self._seeded.add(device)
         return gen
 
+    def keyed_generator(self, device: torch.device, key: int) -> torch.Generator:
+        """``device``'s generator reseeded from the current seed and ``key`` (a block's index).
+
+        Reseeded at every call, so the same step and key always give the same draws.
+        """
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        self._seeded.discard(device)  # `generator()` reseeds it from the step's seed alone
+        return gen.manual_seed(step_seed(self.seed, key, 0, 0))
+
     def __getstate__(self) -> dict[str, int]:
         return {"seed": self.seed}
 
@@ -239,14 +266,107 @@ class BranchDrop:
     Python floats only: no host-device synchronisation.
     """
 
-    def __init__(self, source: RandomSource, rate: float = 0.0) -> None:
-        self.source, self.rate = source, rate
+    def __init__(self, source: RandomSource, rate: float = 0.0, index: int = 0) -> None:
+        self.source, self.rate, self.index = source, rate, index
 
     def __call__(self, module: nn.Module, args: object, output: Tensor) -> Tensor | None:
         """The dropped output in training; ``None`` (output unchanged) otherwise."""
         if not module.training or self.rate <= 0.0 or not isinstance(output, Tensor):
             return None
-        return drop_path(output, self.rate, True, self.source.generator(output.device))
+        generator = self.source.keyed_generator(output.device, self.index)
+        return drop_path(output, self.rate, True, generator)
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """One block's draw for the forward in progress (set by the pre-hook, read by the hook)."""
+
+    rows: int  # the batch size the block received
+    scale: float  # 1 / (1 - rate)
+    kept: Tensor | None  # skip path: indices of the kept rows, on the input's device
+    mask: Tensor | None  # mask path (too few rows kept): per-sample factor (0 or scale)
+
+
+class BranchSkip:
+    """Stochastic depth that skips the dropped samples' branch compute, with two hooks.
+
+    :meth:`before` is a forward *pre*-hook on the branch's first module (``conv1`` of a
+    torchvision block, whose input is the block input ``x``): it draws one keep/drop per sample and
+    replaces that input by its kept rows. :meth:`after` is a forward hook on the branch's last
+    module (``bn2``/``bn3``): it scatters the kept rows' output, scaled by ``1/(1-rate)``, into a
+    full-size tensor of zeros, so the block's own ``out += identity`` adds the shortcut (computed by
+    the block from every row) unchanged. The result equals :func:`drop_path` on the full branch,
+    except that BatchNorm inside the branch computes its batch statistics (and updates its running
+    statistics) over the kept rows only, i.e. over the samples that actually use the branch.
+    Inference (``module.training`` false) is untouched.
+
+    Fallbacks: every row kept -> the input is left whole and the output only scaled; fewer than
+    :attr:`min_rows` kept (BatchNorm cannot train on 0 or 1 row) -> the whole batch runs the branch
+    and its output is multiplied by the mask, as :class:`BranchDrop` does.
+
+    The draw is a function of the step's seed, the block's ``index`` and the batch size only (a
+    CPU generator reseeded at every call), so a block run twice in one step (gradient
+    checkpointing's recomputation, SAM's second pass) gets the same kept rows again. No
+    host-device synchronisation: the indices are computed on the CPU and copied to the device
+    asynchronously (from pinned memory on CUDA).
+    """
+
+    min_rows = 2
+
+    def __init__(self, source: RandomSource, rate: float = 0.0, index: int = 0) -> None:
+        self.source, self.rate, self.index = source, rate, index
+        self._draw: _Draw | None = None
+
+    def before(self, module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...] | None:
+        """Forward pre-hook: the kept rows of the branch input in training; else ``None``."""
+        self._draw = None
+        if not module.training or self.rate <= 0.0 or not args or not isinstance(args[0], Tensor):
+            return None
+        x = args[0]
+        keep = 1.0 - self.rate
+        scale = 1.0 / keep if keep > 0.0 else 0.0
+        cpu = self.source.keyed_generator(torch.device("cpu"), self.index)
+        mask = torch.empty(x.shape[0]).bernoulli_(keep, generator=cpu)
+        kept = mask.nonzero().flatten()  # on the CPU: no synchronisation with the device
+        count = kept.shape[0]
+        if count == x.shape[0]:
+            self._draw = _Draw(x.shape[0], scale, None, None)
+            return None
+        if count < self.min_rows:
+            self._draw = _Draw(x.shape[0], scale, None, _to_device(mask.mul_(scale), x.device))
+            return None
+        kept = _to_device(kept, x.device)
+        self._draw = _Draw(x.shape[0], scale, kept, None)
+        return (x.index_select(0, kept), *args[1:])
+
+    def after(self, module: nn.Module, args: object, output: Tensor) -> Tensor | None:
+        """Forward hook: the branch output of every row (dropped rows zero, kept ones scaled)."""
+        draw, self._draw = self._draw, None
+        if draw is None or not isinstance(output, Tensor):
+            return None
+        if draw.mask is not None:
+            factor = draw.mask.to(output.dtype).view((-1,) + (1,) * (output.ndim - 1))
+            return output * factor
+        if draw.kept is None:
+            return output * draw.scale
+        if output.shape[0] != draw.kept.shape[0]:
+            raise RuntimeError(
+                f"StochasticDepth: the branch's last module returned {output.shape[0]} rows, but "
+                f"{draw.kept.shape[0]} of {draw.rows} were kept at its first module. The block's "
+                "forward does not run its branch as torchvision's BasicBlock/Bottleneck do; "
+                "point the callback at the branch output with `blocks=` instead."
+            )
+        full = output.new_zeros((draw.rows, *output.shape[1:]))
+        return full.index_copy(0, draw.kept, output * draw.scale)
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """An asynchronous host-to-device copy (pinned memory on CUDA); no copy for the CPU."""
+    if device.type == "cpu":
+        return tensor
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def step_seed(seed: int, rank: int, step: int, batch_idx: int) -> int:

@@ -31,6 +31,7 @@ from typing_extensions import override
 from lightning_reg.drop_path import (
     BlockSelector,
     BranchDrop,
+    BranchSkip,
     DropPathModule,
     RandomSource,
     depth_rates,
@@ -39,6 +40,7 @@ from lightning_reg.drop_path import (
     find_residual_branches,
     scheduled_rate,
     step_seed,
+    torchvision_branch,
 )
 
 __all__ = ["StochasticDepth"]
@@ -128,7 +130,7 @@ class StochasticDepth(Callback):
         self._run_seed = 0
         self._modules: list[tuple[DropPathModule, int]] = []  # (module, 1-based depth)
         self._originals: list[float] = []
-        self._hooks: list[BranchDrop] = []
+        self._hooks: list[BranchDrop | BranchSkip] = []
         self._handles: list[RemovableHandle] = []
         self._depth = 0
         self._current = 0.0
@@ -170,14 +172,32 @@ class StochasticDepth(Callback):
         self._originals = [found.rate for found, _ in self._modules]
 
     def _attach_hooks(self, model: nn.Module) -> None:
+        if self.blocks is None:
+            self._attach_skips(model)
+            if self._hooks:
+                return
         branches = find_residual_branches(model, self.blocks)
         if not branches:
             raise RuntimeError(_nothing_to_drop(model, self.blocks))
         self._depth = len(branches)
-        for _, module in branches:
-            hook = BranchDrop(self._source)
+        for index, (_, module) in enumerate(branches):
+            hook = BranchDrop(self._source, index=index)
             self._hooks.append(hook)
             self._handles.append(module.register_forward_hook(hook))
+
+    def _attach_skips(self, model: nn.Module) -> None:
+        # torchvision blocks: the branch runs on the kept rows only (pre-hook on conv1, hook on
+        # bn2/bn3), so dropped samples cost no branch compute
+        for module in model.modules():
+            branch = torchvision_branch(module)
+            if branch is None:
+                continue
+            first, last = branch
+            skip = BranchSkip(self._source, index=len(self._hooks))
+            self._hooks.append(skip)
+            self._handles.append(first.register_forward_pre_hook(skip.before))
+            self._handles.append(last.register_forward_hook(skip.after))
+        self._depth = len(self._hooks)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
