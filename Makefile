@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine (see README):
 #   make demo  - the main job: digits demo, writes TensorBoard logs under lightning_logs/
-#   make test  - the whole test suite: ruff (lint + format), mypy, pytest (compatibility matrix
-#                included: timm, torchvision, the pytorch_lightning package)
+#   make test  - the whole test suite: ruff (lint + format), mypy, the documentation site built
+#                strictly, pytest (compatibility matrix included: timm, torchvision, the
+#                pytorch_lightning package)
 # Each creates its own virtual environment on first use and installs what it needs into it: the
 # demo a light CPU build of torch (.venv), the tests the torch/torchvision pair timm needs
 # (.venv-test, about 5.5 GB, installed from this machine's disk).
@@ -19,7 +20,7 @@ TEST_VENV  := .venv-test
 TBIN       := $(TEST_VENV)/bin
 TEST_STAMP := $(TEST_VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest matrix bench clean
+.PHONY: demo test lint typecheck docs pytest matrix bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +33,7 @@ $(TEST_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TBIN)/python -m pip install --quiet --upgrade pip
 	$(TBIN)/python -m pip install --quiet $(TEST_TORCH)
-	$(TBIN)/python -m pip install --quiet -e ".[test,examples,compat]"
+	$(TBIN)/python -m pip install --quiet -e ".[test,examples,compat,docs]"
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)
@@ -45,17 +46,23 @@ lint: $(TEST_STAMP)
 typecheck: $(TEST_STAMP)
 	$(TBIN)/mypy
 
+# the documentation site (mkdocs.yml) into site/: strict, so a broken link, anchor, include or
+# docstring reference fails; tests/test_docs.py checks that every public name is documented.
+# Not --quiet: it hides the warnings from strict mode, and the build then passes.
+docs: $(TEST_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(TBIN)/mkdocs build --strict
+
 pytest: $(TEST_STAMP)
 	$(TBIN)/python -m pytest tests lightning_reg
 
-# the compatibility matrix alone, written to docs/compat_matrix.md (copied into the README)
+# the compatibility matrix alone, written to docs/compat_matrix.md (included in docs/works-with.md)
 matrix: $(TEST_STAMP)
 	LIGHTNING_REG_MATRIX=docs/compat_matrix.md $(TBIN)/python -m pytest tests/compat tests/test_sam.py tests/test_sam_mixed_precision.py -q
 
-test: lint typecheck pytest
+test: lint typecheck docs pytest
 
 bench: $(STAMP)
 	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(TEST_VENV) lightning_logs .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TEST_VENV) lightning_logs site .mypy_cache .ruff_cache
