@@ -23,17 +23,21 @@ import torchvision
 from lightning.pytorch.callbacks import ModelCheckpoint
 from timm.layers import drop_path as timm_drop_path
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
-from torchvision.models.resnet import BasicBlock
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from lightning_reg import StochasticDepth
 from lightning_reg.drop_path import (
     BranchDrop,
+    BranchSkip,
     RandomSource,
     depth_rates,
     drop_path,
     find_residual_branches,
     scheduled_rate,
+    step_seed,
+    torchvision_branch,
 )
 from tests.helpers import (
     BlobsDataModule,
@@ -185,6 +189,129 @@ def test_torchvision_blocks_found_by_name_and_package():
             self.bn2 = nn.BatchNorm2d(2)
 
     assert find_residual_branches(nn.Sequential(BasicBlock())) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision blocks: the branch runs on the kept rows only (BranchSkip)
+
+BLOCKS = {
+    "basic": lambda: BasicBlock(8, 8),
+    "basic-downsample": lambda: BasicBlock(
+        8, 16, stride=2, downsample=nn.Sequential(conv1x1(8, 16, 2), nn.BatchNorm2d(16))
+    ),
+    "bottleneck": lambda: Bottleneck(16, 4),
+}
+
+
+def skipping_block(kind: str, seed: int, rate: float, index: int = 0):
+    """A torchvision block with BranchSkip's hooks, its hook-free twin, and conv2's batch sizes."""
+    torch.manual_seed(0)
+    block = BLOCKS[kind]()
+    twin = copy.deepcopy(block)
+    skip = BranchSkip(RandomSource(seed), rate, index)
+    first, last = torchvision_branch(block)
+    first.register_forward_pre_hook(skip.before)
+    last.register_forward_hook(skip.after)
+    sizes: list[int] = []
+    block.conv2.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    return block, twin, sizes
+
+
+def keep_mask(seed: int, index: int, rows: int, rate: float) -> Tensor:
+    """The documented draw: a CPU generator seeded from the step's seed and the block's index."""
+    g = torch.Generator().manual_seed(step_seed(seed, index, 0, 0))
+    return torch.empty(rows).bernoulli_(1 - rate, generator=g).bool()
+
+
+def direct_block(twin: nn.Module, x: Tensor, rows: Tensor, rate: float, skip: bool) -> Tensor:
+    """The block written out: branch on ``x[rows]`` (skip) or on ``x`` times the mask."""
+    h = x[rows] if skip else x
+    h = twin.relu(twin.bn1(twin.conv1(h)))
+    if isinstance(twin, Bottleneck):
+        h = twin.bn3(twin.conv3(twin.relu(twin.bn2(twin.conv2(h)))))
+    else:
+        h = twin.bn2(twin.conv2(h))
+    if skip:
+        branch = torch.zeros(x.shape[0], *h.shape[1:]).index_put((rows,), h / (1 - rate))
+    else:
+        mask = torch.zeros(x.shape[0]).index_fill(0, rows, 1 / (1 - rate))
+        branch = h * mask.view(-1, 1, 1, 1)
+    identity = x if twin.downsample is None else twin.downsample(x)
+    return torch.relu(branch + identity)
+
+
+def first_seed(condition, rows: int, rate: float) -> int:
+    return next(s for s in range(10_000) if condition(int(keep_mask(s, 0, rows, rate).sum())))
+
+
+def assert_same_step(block, twin, x, rows, rate, skip):
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = block(xa)
+    expected = direct_block(twin, xb, rows, rate, skip)
+    torch.testing.assert_close(out, expected)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    (expected * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for (name, p), q in zip(block.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, b), c in zip(block.named_buffers(), twin.buffers(), strict=True):
+        torch.testing.assert_close(b, c, msg=name)  # BatchNorm statistics: kept rows only
+
+
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_branch_skip_equals_the_block_run_on_the_kept_rows(kind):
+    rate, rows = 0.5, 16
+    seed = first_seed(lambda kept: 4 <= kept <= 12, rows, rate)
+    block, twin, sizes = skipping_block(kind, seed, rate, index=0)
+    x = torch.randn(rows, 16 if kind == "bottleneck" else 8, 6, 6)
+    kept = keep_mask(seed, 0, rows, rate).nonzero().flatten()
+    assert_same_step(block, twin, x, kept, rate, skip=True)
+    assert sizes == [len(kept)]  # the branch computed the kept rows only
+    block.eval(), twin.eval()  # inference: the whole block, untouched
+    with torch.no_grad():
+        assert torch.equal(block(x), twin(x)) and sizes == [len(kept), rows]
+
+
+@pytest.mark.parametrize("kept_rows", ["all", "none", "one"])
+def test_branch_skip_falls_back_to_the_mask_below_two_rows_and_when_all_are_kept(kept_rows):
+    rate, rows = 0.5, 4
+    wanted = {"all": lambda k: k == rows, "none": lambda k: k == 0, "one": lambda k: k == 1}
+    seed = first_seed(wanted[kept_rows], rows, rate)
+    block, twin, sizes = skipping_block("basic", seed, rate)
+    x = torch.randn(rows, 8, 6, 6)
+    kept = keep_mask(seed, 0, rows, rate).nonzero().flatten()
+    assert_same_step(block, twin, x, kept, rate, skip=False)
+    assert sizes == [rows]  # the whole batch ran the branch: BatchNorm never sees 0 or 1 row
+
+
+def test_branch_skip_draws_the_same_rows_again_within_a_step_and_new_ones_after():
+    rate, rows = 0.5, 16
+    seed = first_seed(lambda kept: 4 <= kept <= 12, rows, rate)
+    x = torch.randn(rows, 8, 6, 6)
+    # gradient checkpointing recomputes the block in backward: the same kept rows, same gradients
+    plain, _, _ = skipping_block("basic", seed, rate)
+    ckpt, _, sizes = skipping_block("basic", seed, rate)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    plain(xa).square().sum().backward()
+    checkpoint(ckpt, xb, use_reentrant=False).square().sum().backward()
+    assert sizes[0] == sizes[1] < rows  # forward, then the recomputation
+    torch.testing.assert_close(xa.grad, xb.grad)
+    for p, q in zip(plain.parameters(), ckpt.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    # a second pass in the same step (SAM) drops the same rows; the next step draws anew
+    source, block = RandomSource(seed), BasicBlock(8, 8)
+    skip = BranchSkip(source, rate)
+    block.conv1.register_forward_pre_hook(skip.before)
+    block.bn2.register_forward_hook(skip.after)
+
+    def dropped() -> Tensor:  # rows whose output is the shortcut alone
+        with torch.no_grad():
+            return (block(x) == torch.relu(x)).flatten(1).all(dim=1)
+
+    first = dropped()
+    assert torch.equal(first, dropped())
+    source.reseed(seed + 1)
+    assert not torch.equal(first, dropped())
 
 
 # ---------------------------------------------------------------------------------------------
