@@ -98,6 +98,7 @@ class LabelSmoothing(TrainBatchTransform):
 
     @override
     def reset(self) -> None:
+        """Start a fit afresh: forget the previous fit's batch-size plan."""
         super().reset()
         self._identity = None
 
@@ -105,6 +106,7 @@ class LabelSmoothing(TrainBatchTransform):
     def transform(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor, targets: Tensor
     ) -> tuple[Tensor, Tensor]:
+        """Return the training batch's inputs and smoothed targets (or its labels, if kept)."""
         plan = self._plan_for(targets)
         self._plan = plan
         return (inputs, targets) if self.keep_targets else (inputs, plan.targets(targets))

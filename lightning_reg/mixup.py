@@ -190,6 +190,7 @@ class Mixup(TrainBatchTransform):
     def transform(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: Tensor, targets: Tensor
     ) -> tuple[Tensor, Tensor]:
+        """Return the training batch's mixed inputs and soft targets (or its labels, if kept)."""
         n = inputs.shape[0]
         if self.mixing_on(trainer):
             image_size = (inputs.shape[-2], inputs.shape[-1]) if inputs.ndim == 4 else None
