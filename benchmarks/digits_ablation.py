@@ -87,12 +87,10 @@ def main() -> None:
     torch.set_num_threads(1)
     demo = load_demo()
     demo.monitors = list  # only the recipes: no monitors, no TensorBoard needed
-    demo_args = demo.parse_args(["--logdir", "/tmp/lightning_reg_ablation"])
-    rows = []
-    for seed in args.seeds:
-        data = demo.DigitsData(label_noise=0.3, seed=seed)
-        chosen = [run for run in recipes(demo) if args.only in run.name]
-        rows += [demo.train(run, data, demo_args, seed) for run in chosen]
+    seeds = [str(seed) for seed in args.seeds]
+    demo_args = demo.parse_args(["--logdir", "/tmp/lightning_reg_ablation", "--seeds", *seeds])
+    chosen = [run for run in recipes(demo) if args.only in run.name]
+    rows = demo.train_all(chosen, demo_args)  # one progress bar, as in the demo
     summary = demo.summarize(rows)
     for row in summary:
         row.pop("seconds", None)

@@ -10,16 +10,21 @@ calibration error (``test ECE``, 15 equal-width bins) and the mean confidence mi
 (``test conf-acc``: > 0 overconfident, < 0 underconfident), since label smoothing and mixup move
 calibration as much as accuracy.
 
-Run it with ``make demo`` (or ``python examples/digits.py --help``), then look at the runs with the
-printed ``tensorboard --logdir ...`` command.
+Run it with ``make demo`` (or ``python examples/digits.py --help``): one progress bar follows every
+epoch of every run (recipe, seed, epoch, validation accuracy, the gap monitor's diagnosis), then the
+tables are printed. Look at the runs with the printed ``tensorboard --logdir ...`` command: in the
+HParams tab every run has its settings and its test accuracy and ECE, so runs sort by them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
 
 from lightning_reg import (
     CalibrationMonitor,
@@ -46,6 +52,7 @@ from lightning_reg import (
     expected_calibration_error,
     loss_attack_metrics,
 )
+from lightning_reg.tensorboard import regularization_settings, tensorboard_writer, write_hparams
 
 
 def flip_labels(y: np.ndarray, fraction: float, classes: int, seed: int) -> np.ndarray:
@@ -206,17 +213,121 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
     return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def train(run: Run, data: DigitsData, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+class Progress(Callback):
+    """One progress bar for the whole demo: every epoch of every run, with its validation accuracy.
+
+    The bar counts the epoch budget (runs x seeds x ``--epochs``). When early stopping ends a run
+    before ``--epochs``, the bar jumps to that run's end: its count stays the share of the budget
+    done, never overshoots, and the remaining time (tqdm's average rate over the whole demo,
+    ``smoothing=0``) assumes that later runs stop as early as the earlier ones did. It draws no
+    random number and changes nothing in training.
+    """
+
+    def __init__(self, runs: int, max_epochs: int) -> None:
+        self.bar = tqdm(total=runs * max_epochs, unit="epoch", smoothing=0.0, dynamic_ncols=True)
+        self.runs, self.max_epochs, self.started = runs, max_epochs, 0
+        self.epochs, self.best = 0, -math.inf
+
+    def start(self, name: str) -> None:
+        self.started += 1
+        self.bar.set_postfix_str(f"epoch 0/{self.max_epochs}", refresh=False)
+        self.bar.set_description(f"run {self.started}/{self.runs} {name}")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epochs, self.best = 0, -math.inf
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after validation and after the gap monitor's diagnosis of this epoch
+        self.epochs += 1
+        parts = [f"epoch {self.epochs}/{self.max_epochs}"]
+        acc = trainer.callback_metrics.get("val_acc")
+        if acc is not None:
+            self.best = max(self.best, acc.item())
+            parts.append(f"val acc {acc.item():.3f} (best {self.best:.3f})")
+        gap = next(
+            (cb for cb in trainer.callbacks if isinstance(cb, GeneralizationGapMonitor)), None
+        )
+        if gap is not None:
+            parts.append(gap.diagnosis)
+        self.bar.set_postfix_str(", ".join(parts), refresh=False)
+        self.bar.update(1)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.bar.update(self.max_epochs - self.epochs)  # stopped early: the rest of its budget
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class RunHparams(Callback):
+    """This run's hparams in TensorBoard, with the demo's test metrics as the HParams metrics.
+
+    Written in ``on_fit_start`` before any other callback writes hparams (TensorBoard keeps a run's
+    first hparams summary): the module's hparams, every regularization setting, the recipe and
+    the seed. ``columns`` lists the settings of every recipe, since the HParams tab takes its
+    columns from whichever run it reads first. The test metrics are logged after ``fit``.
+    """
+
+    def __init__(self, recipe: str, seed: int, columns: dict[str, Any]) -> None:
+        self.recipe, self.seed, self.columns = recipe, seed, columns
+
+    def params(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        demo = {"recipe": self.recipe, "seed": self.seed}
+        return {**demo, **dict(pl_module.hparams_initial), **regularization_settings(trainer)}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is not None:
+            params = self.params(trainer, pl_module)
+            write_hparams(writer, params, HPARAMS_METRICS, columns=self.columns)
+
+
+# the HParams tab's metrics: the demo's test evaluation, then the gap monitor's own choice
+TEST_METRICS = {"test/acc": "test acc", "test/ece": "test ECE", "test/conf_acc": "test conf-acc"}
+HPARAMS_METRICS = [*TEST_METRICS, "reg/gap/loss", "reg/train_eval/loss", "reg/overfitting"]
+
+
+class _Columns(Callback):
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.params = RunHparams("", 0, {}).params(trainer, pl_module)
+
+
+def hparam_columns(
+    recipes: list[Run], data: DigitsData, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Every hparam of every recipe (name -> a value): a zero-epoch fit per recipe reports them."""
+    columns: dict[str, Any] = {}
+    for run in recipes:
+        probe = _Columns()
+        trainer = pl.Trainer(
+            max_epochs=0, accelerator="cpu", devices=1, logger=False, num_sanity_val_steps=0,
+            callbacks=[*run.callbacks(), *monitors(), probe], enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        trainer.fit(MLP(hidden=args.hidden, **run.model), datamodule=data)
+        columns.update(probe.params)
+    return columns
+
+
+def train(
+    run: Run, data: DigitsData, args: argparse.Namespace, seed: int,
+    progress: Progress | None = None, columns: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Fit one run and measure it; every run of a seed starts from the same state."""
     pl.seed_everything(seed, verbose=False)
     model = MLP(hidden=args.hidden, **run.model)
     # monitors only observe (they change no weight and draw no random number): both runs get them
-    callbacks = [*run.callbacks(), *monitors()]
-    logger = TensorBoardLogger(args.logdir, name="digits", version=f"{run.name}-seed{seed}")
+    callbacks = [RunHparams(run.name, seed, columns or {}), *run.callbacks(), *monitors()]
+    if progress is not None:
+        progress.start(f"{run.name} seed {seed}")
+        callbacks.append(progress)
+    version = f"{run.name}-seed{seed}"
+    _forget_previous_run(args.logdir / "digits" / version)
+    logger = TensorBoardLogger(args.logdir, name="digits", version=version, default_hp_metric=False)
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger,
         callbacks=callbacks, enable_checkpointing=False, enable_model_summary=False,
-        log_every_n_steps=10, deterministic=True,
+        enable_progress_bar=False, log_every_n_steps=10, deterministic=True,
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
@@ -226,7 +337,7 @@ def train(run: Run, data: DigitsData, args: argparse.Namespace, seed: int) -> di
     stop = next((cb for cb in callbacks if hasattr(cb, "best_epoch")), None)
     best = "-" if stop is None else str(stop.best_epoch)
     test_ece, test_excess = calibration(model, data.test_set)
-    return {
+    row = {
         "run": run.name,
         "seed": seed,
         "train acc (given labels)": train_acc,
@@ -239,6 +350,56 @@ def train(run: Run, data: DigitsData, args: argparse.Namespace, seed: int) -> di
         "best/stop epoch": f"{best}/{trainer.current_epoch - 1}",
         "seconds": seconds,
     }
+    # the HParams tab's metrics: scalars of this run (fit closed its event file: a second one)
+    logger.log_metrics({tag: row[key] for tag, key in TEST_METRICS.items()}, trainer.global_step)
+    logger.finalize("success")
+    return row
+
+
+def _forget_previous_run(directory: Path) -> None:
+    """Remove what an earlier demo run wrote under this run's name.
+
+    TensorBoard reads every event file of a run directory as one run and keeps its *first* hparams:
+    a rerun would show both runs' curves and the old hparams.
+    """
+    for path in [*directory.glob("events.out.tfevents.*"), directory / "hparams.yaml"]:
+        path.unlink(missing_ok=True)
+
+
+def train_all(recipes: list[Run], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every recipe on every seed of ``args.seeds``, under one progress bar."""
+    rows: list[dict[str, Any]] = []
+    with _quiet_lightning():
+        columns: dict[str, Any] = {}
+        progress = Progress(len(recipes) * len(args.seeds), args.epochs)
+        try:
+            for seed in args.seeds:
+                data = DigitsData(label_noise=args.label_noise, seed=seed)
+                columns = columns or hparam_columns(recipes, data, args)
+                rows += [train(run, data, args, seed, progress, columns) for run in recipes]
+        finally:
+            progress.close()
+    return rows
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Keep the terminal to the progress bar: no info lines, no warnings the bar already shows.
+
+    The gap monitor's diagnosis is on the bar (and in TensorBoard's Text tab); Lightning's
+    "GPU available", "LOCAL_RANK" and tip lines, and our callbacks' info lines, go to its logger.
+    """
+    log = logging.getLogger("lightning.pytorch")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="GeneralizationGapMonitor:")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -288,12 +449,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     torch.set_num_threads(1)  # a small MLP: one thread is as fast and never oversubscribes
-    rows = []
-    for seed in args.seeds:
-        data = DigitsData(label_noise=args.label_noise, seed=seed)
-        rows += [train(run, data, args, seed) for run in runs()]
+    rows = train_all(runs(), args)
     print(f"\nDigits MLP, {args.label_noise:.0%} of train labels flipped, every run and seed:\n")
     print(format_table(rows))
     print(f"\nMean over seeds {args.seeds}:\n")

@@ -74,18 +74,42 @@ def write_text(writer: Any, tag: str, markdown: str, step: int) -> None:
     writer.add_text(tag, markdown, step)
 
 
-def write_hparams(writer: Any, params: Mapping[str, Any], metric_tags: Sequence[str]) -> None:
+def write_hparams(
+    writer: Any,
+    params: Mapping[str, Any],
+    metric_tags: Sequence[str],
+    *,
+    columns: Mapping[str, Any] | None = None,
+) -> None:
     """Write hparams into the *same* run (``SummaryWriter.add_hparams`` would create another).
 
-    ``metric_tags`` are scalar tags already logged in the run, shown as the hparams' metrics.
+    TensorBoard keeps the first hparams summary of a run, and its HParams tab takes the table's
+    columns (hparams and metrics) from one run's summary, whichever run it reads first.
+
+    Args:
+        writer: the run's ``SummaryWriter`` (see :func:`tensorboard_writer`).
+        params: this run's hparams, ``{name: value}``; values other than ``bool``, ``int``,
+            ``float`` and ``str`` are written as their ``str``.
+        metric_tags: scalar tags logged in the run (before or after this call), shown as the
+            hparams' metrics, e.g. ``["val_loss", "test/acc"]``.
+        columns: the hparams the table lists, ``{name: an example value}`` (the value sets the
+            column's type); default: the keys of ``params``. Runs of one sweep whose settings
+            differ should all pass the union of their settings, so that every setting gets a
+            column whichever run TensorBoard reads first.
     """
     from torch.utils.tensorboard.summary import hparams
 
-    clean = {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in params.items()}
+    clean = _plain_values(params)
     exp, ssi, sei = hparams(clean, dict.fromkeys(metric_tags, 0.0))
+    if columns is not None:
+        exp, _, _ = hparams({**_plain_values(columns), **clean}, dict.fromkeys(metric_tags, 0.0))
     file_writer = writer._get_file_writer()
     for summary in (exp, ssi, sei):
         file_writer.add_summary(summary)
+
+
+def _plain_values(params: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    return {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in params.items()}
 
 
 def regularization_settings(trainer: pl.Trainer) -> dict[str, Any]:
