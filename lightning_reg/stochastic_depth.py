@@ -10,7 +10,10 @@ Method card:
     recipe 0.1, ViT-B 0.1-0.2). ``start_epoch``/``warmup_epochs`` to let a model fit first.
     When it hurts: shallow or under-fitting models (it removes capacity during training), very
     short runs, and tiny batches with BatchNorm in the branch (dropped samples still update the
-    running statistics). A mask-multiply drop computes every branch, so it saves no compute.
+    running statistics). On torchvision ResNets the dropped samples' branches are not
+    computed (a step costs about ``1 - mean rate x branch share`` of the bare model's, when
+    activations dominate it); timm's ``DropPath`` and ``blocks=`` multiply by a mask instead,
+    computing every branch (a step costs about as much as without the callback).
     Papers: Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016 (arXiv:1603.09382);
     Larsson et al., "FractalNet", ICLR 2017 (drop path); Touvron et al., DeiT, ICML 2021.
 """
@@ -59,7 +62,16 @@ class StochasticDepth(Callback):
        ``seed_everything``, but the same draws on every rank whose batches have the same shape,
        and not restored on resume: only the rates are).
     3. torchvision ResNet blocks (``BasicBlock``/``Bottleneck``, recognised by class name and
-       package): a forward hook on the branch's last module (``bn2``/``bn3``).
+       package): the branch runs on the kept samples only (``lightning_reg.drop_path.BranchSkip``).
+       A forward pre-hook on ``conv1`` (whose input is the block input) passes it
+       the kept rows; a forward hook on ``bn2``/``bn3`` scatters their output, scaled by
+       ``1/(1-p)``, into zeros of the full batch, which the block adds to its shortcut (computed
+       from every row) as usual. Dropped samples cost no branch compute, forward or backward.
+       BatchNorm inside the branch computes its batch statistics, and updates its running
+       statistics, over the kept samples only (those that use the branch). When fewer than 2
+       samples are kept, that block falls back to multiplying its full branch output by the
+       mask for that step. A block run twice in one step (gradient checkpointing, SAM's second
+       pass) drops the same samples again.
 
     Hooks act only while the module trains and are removed at fit end and when fit raises, so
     inference, parameters, buffers and ``state_dict`` keys are those of the unmodified model, and
