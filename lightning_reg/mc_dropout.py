@@ -32,7 +32,10 @@ from typing_extensions import override
 
 from lightning_reg.uncertainty import (
     MCDropoutResult,
+    OutputKind,
     check_logits,
+    check_output_kind_name,
+    check_output_values,
     derive_seed,
     dropout_active,
     dropout_modules,
@@ -57,7 +60,12 @@ class MCDropoutPrediction(Callback):
     back.
 
     ``predict_step`` must return class logits ``(batch, classes)`` (Lightning's default
-    ``predict_step`` returns ``self(batch)``), or a dict holding them under ``logits_key``.
+    ``predict_step`` returns ``self(batch)``), or a dict holding them under ``logits_key``; a
+    ``predict_step`` that returns probabilities (``self(x).softmax(-1)``) or log-probabilities
+    says so with ``outputs="probs"`` / ``"log_probs"``. The first batch of each
+    ``trainer.predict`` is checked once (one read on the host): ``"logits"`` whose rows all lie in
+    ``[0, 1]`` and sum to 1 are refused, since a softmax of probabilities would flatten them
+    toward uniform and make entropy and mutual information wrong.
 
     Where the results go (Lightning's predict loop logs nothing, and a callback cannot replace
     what ``predict_step`` returned):
@@ -66,7 +74,9 @@ class MCDropoutPrediction(Callback):
       :class:`~lightning_reg.uncertainty.MCDropoutResult` (``probs``, ``entropy``,
       ``mutual_information``, on CPU, in this rank's order) for one dataloader, a list of them for
       several (as ``trainer.predict`` returns). Under DDP each rank holds its own samples (with
-      ``ddp_spawn``, in its worker process: the main process's object stays empty).
+      ``ddp_spawn``, in its worker process: the main process's object stays empty). With
+      ``keep_predictions=False`` nothing is kept (``predictions`` stays ``None``): use it with
+      dict outputs and a prediction writer, so memory does not grow with the dataset.
     - dict outputs gain ``f"{prefix}probs"``, ``f"{prefix}entropy"`` and
       ``f"{prefix}mutual_information"`` in place, so ``trainer.predict``'s return value and a
       :class:`~lightning.pytorch.callbacks.BasePredictionWriter` (listed *after* this callback, or
@@ -85,9 +95,15 @@ class MCDropoutPrediction(Callback):
         seed: base seed of the dropout masks.
         logits_key: where the logits are when ``predict_step`` returns a dict.
         prefix: prefix of the keys added to dict outputs.
+        outputs: what ``predict_step`` returns: ``"logits"`` (a softmax is applied),
+            ``"probs"`` (probability rows, averaged as they are) or ``"log_probs"``.
+        keep_predictions: keep every batch's results (on CPU) for ``callback.predictions``;
+            ``False`` keeps nothing (dict outputs still gain the keys).
 
     Raises:
-        ValueError: for ``num_samples < 1`` or ``max_batch_size < 1``.
+        ValueError: for ``num_samples < 1``, ``max_batch_size < 1`` or an unknown ``outputs``;
+            on the first batch for outputs that contradict ``outputs`` (probability rows given
+            as ``"logits"``, or ``"probs"``/``"log_probs"`` that are not probability rows).
         RuntimeError: at predict start for a model without dropout (``p > 0``) or a
             ``predict_step`` taking ``dataloader_iter``; on the first batch for an output that is
             neither a logits tensor nor a dict with ``logits_key``, or a batch without a tensor of
@@ -111,6 +127,8 @@ class MCDropoutPrediction(Callback):
         seed: int | None = None,
         logits_key: str = "logits",
         prefix: str = "mc_",
+        outputs: OutputKind = "logits",
+        keep_predictions: bool = True,
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
@@ -123,7 +141,12 @@ class MCDropoutPrediction(Callback):
                 f"`max_batch_size` must be None or an integer >= 1, got {max_batch_size!r}."
             )
         self.num_samples, self.max_batch_size, self.seed = num_samples, max_batch_size, seed
+        check_output_kind_name(outputs)
+        if not isinstance(keep_predictions, bool):
+            raise ValueError(f"`keep_predictions` must be True or False, got {keep_predictions!r}.")
         self.logits_key, self.prefix = logits_key, prefix
+        self.outputs, self.keep_predictions = outputs, keep_predictions
+        self._checked = False
         self._state_key = self._generate_state_key(num_samples=num_samples, seed=seed)
         self.predictions: MCDropoutResult | list[MCDropoutResult] | None = None
         self._batches: list[list[MCDropoutResult]] = []
@@ -161,7 +184,7 @@ class MCDropoutPrediction(Callback):
         self._seed = (
             int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) if seed is None else seed
         )
-        self.predictions = None
+        self.predictions, self._checked = None, False
         self._batches = [[] for _ in range(trainer.predict_loop.num_dataloaders)]
 
     @override
@@ -177,6 +200,9 @@ class MCDropoutPrediction(Callback):
                 f"the batch size ({rows} rows of logits), but the batch ({type(batch).__name__}) "
                 "holds no such tensor."
             )
+        if not self._checked:  # one host read per `trainer.predict`
+            check_output_values(logits, self.outputs)
+            self._checked = True
         several = trainer.predict_loop.num_dataloaders > 1
 
         def forward(k: int) -> Tensor:
@@ -191,16 +217,19 @@ class MCDropoutPrediction(Callback):
 
         seed = derive_seed(self._seed, trainer.global_rank, dataloader_idx, batch_idx)
         with dropout_active(pl_module), seeded_rng(seed, logits.device):
-            result = run_passes(forward, self.num_samples, rows, self.max_batch_size)
+            result = run_passes(forward, self.num_samples, rows, self.max_batch_size, self.outputs)
         if isinstance(outputs, dict):
             outputs[f"{self.prefix}probs"] = result.probs
             outputs[f"{self.prefix}entropy"] = result.entropy
             outputs[f"{self.prefix}mutual_information"] = result.mutual_information
-        # on CPU, as Lightning keeps the predictions it returns
-        self._batches[dataloader_idx].append(MCDropoutResult(*(t.cpu() for t in result)))
+        if self.keep_predictions:  # on CPU, as Lightning keeps the predictions it returns
+            self._batches[dataloader_idx].append(MCDropoutResult(*(t.cpu() for t in result)))
 
     @override
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.keep_predictions:
+            self.predictions, self._batches = None, []
+            return
         merged = [
             MCDropoutResult(*(torch.cat(parts) for parts in zip(*batches, strict=True)))
             if batches else MCDropoutResult(*(torch.empty(0) for _ in range(3)))

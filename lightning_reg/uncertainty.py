@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
     "MCDropoutResult",
+    "OutputKind",
     "derive_seed",
     "dropout_active",
     "dropout_modules",
@@ -36,6 +37,11 @@ __all__ = [
     "predictive_entropy",
     "seeded_rng",
 ]
+
+
+OutputKind = Literal["logits", "probs", "log_probs"]
+"""What a model returns: class logits, probabilities (softmax outputs) or log-probabilities."""
+OUTPUT_KINDS: tuple[str, ...] = ("logits", "probs", "log_probs")
 
 
 class MCDropoutResult(NamedTuple):
@@ -180,16 +186,23 @@ def passes_per_forward(num_samples: int, batch_size: int, max_batch_size: int | 
 class _Accumulator:
     """Running sums of the passes' probabilities and entropies (memory of one pass, not N)."""
 
-    def __init__(self) -> None:
+    def __init__(self, outputs: OutputKind = "logits") -> None:
+        self.outputs = outputs
         self.prob_sum: Tensor | None = None
         self.entropy_sum: Tensor | None = None
         self.count = 0
 
-    def add(self, logits: Tensor) -> None:
-        """``logits``: ``(passes, batch, classes)``."""
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        probs = log_probs.exp()
-        entropy = -(probs * log_probs).sum(-1)
+    def add(self, values: Tensor) -> None:
+        """``values``: ``(passes, batch, classes)`` logits, probabilities or log-probabilities."""
+        if self.outputs == "probs":
+            probs = values.float()
+            entropy = predictive_entropy(probs)
+        else:
+            log_probs = values.float()
+            if self.outputs == "logits":
+                log_probs = torch.log_softmax(log_probs, dim=-1)
+            probs = log_probs.exp()
+            entropy = -(probs * log_probs).sum(-1)
         prob_sum, entropy_sum = probs.sum(0), entropy.sum(0)
         if self.prob_sum is None or self.entropy_sum is None:
             self.prob_sum, self.entropy_sum = prob_sum, entropy_sum
@@ -198,7 +211,7 @@ class _Accumulator:
                 self.prob_sum + prob_sum,
                 self.entropy_sum + entropy_sum,
             )
-        self.count += logits.shape[0]
+        self.count += values.shape[0]
 
     def result(self) -> MCDropoutResult:
         assert self.prob_sum is not None and self.entropy_sum is not None and self.count
@@ -210,17 +223,22 @@ class _Accumulator:
 
 
 def run_passes(
-    forward: Callable[[int], Tensor], num_samples: int, batch_size: int, max_batch_size: int | None
+    forward: Callable[[int], Tensor],
+    num_samples: int,
+    batch_size: int,
+    max_batch_size: int | None,
+    outputs: OutputKind = "logits",
 ) -> MCDropoutResult:
     """Run ``num_samples`` passes in forwards of ``k`` repeats of the batch, and average them.
 
-    ``forward(k)`` returns the logits ``(k * batch_size, classes)`` of the ``k`` copies of the
-    batch one after the other.
+    ``forward(k)`` returns the outputs ``(k * batch_size, classes)`` (of kind ``outputs``) of the
+    ``k`` copies of the batch one after the other.
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
+    check_output_kind_name(outputs)
     per_forward = passes_per_forward(num_samples, batch_size, max_batch_size)
-    accumulator = _Accumulator()
+    accumulator = _Accumulator(outputs)
     done = 0
     while done < num_samples:
         k = min(per_forward, num_samples - done)
@@ -241,10 +259,12 @@ def mc_dropout_predict(
     num_samples: int = 20,
     max_batch_size: int | None = None,
     seed: int | None = None,
+    outputs: OutputKind = "logits",
 ) -> MCDropoutResult:
     """``num_samples`` passes of ``model(inputs)`` with only dropout active, averaged per sample.
 
-    ``model`` maps ``(batch, ...)`` inputs to ``(batch, classes)`` logits. The passes run as
+    ``model`` maps ``(batch, ...)`` inputs to ``(batch, classes)`` logits (or probabilities,
+    or log-probabilities: say which with ``outputs``). The passes run as
     forwards of the batch repeated ``k`` times along dim 0 (``k = num_samples`` by default, fewer
     so that ``k * batch <= max_batch_size``; ``max_batch_size=1`` runs them one by one). Every row
     draws its own dropout masks, so batched and sequential passes have the same distribution (the
@@ -258,14 +278,20 @@ def mc_dropout_predict(
         max_batch_size: most rows per forward (``None``: all ``N`` passes in one forward).
         seed: seed of the passes' dropout masks, drawn in a fork of torch's generators (the
             global stream is left as it was); ``None`` draws from the global stream.
+        outputs: what ``model`` returns: ``"logits"`` (a softmax is applied), ``"probs"``
+            (rows of probabilities, used as they are) or ``"log_probs"`` (``log_softmax``
+            outputs). The first forward's outputs are checked once (one read on the host):
+            ``"logits"`` whose rows all lie in ``[0, 1]`` and sum to 1 are refused (a softmax
+            of probabilities would flatten them toward uniform); ``"probs"`` or ``"log_probs"``
+            whose rows are not probability rows are refused too.
 
     Returns:
         :class:`MCDropoutResult` with ``probs`` ``(batch, classes)``, ``entropy`` and
         ``mutual_information`` ``(batch,)``.
 
     Raises:
-        ValueError: for ``num_samples < 1``, a model without dropout, or logits that are not
-            ``(batch, classes)``.
+        ValueError: for ``num_samples < 1``, a model without dropout, outputs that are not
+            ``(batch, classes)``, or outputs that do not match ``outputs`` (see above).
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -275,17 +301,67 @@ def mc_dropout_predict(
         (torch.Size([5, 3]), torch.Size([5]), True)
     """
     batch_size = inputs.shape[0]
+    check_output_kind_name(outputs)
+    checked = False
 
     def forward(k: int) -> Tensor:
-        logits = model(repeat_rows(inputs, k))
-        check_logits(logits, k * batch_size)
-        return logits
+        nonlocal checked
+        values = model(repeat_rows(inputs, k))
+        check_logits(values, k * batch_size)
+        if not checked:
+            check_output_values(values, outputs)
+            checked = True
+        return values
 
     with torch.no_grad(), dropout_active(model):
         if seed is None:
-            return run_passes(forward, num_samples, batch_size, max_batch_size)
+            return run_passes(forward, num_samples, batch_size, max_batch_size, outputs)
         with seeded_rng(seed, inputs.device):
-            return run_passes(forward, num_samples, batch_size, max_batch_size)
+            return run_passes(forward, num_samples, batch_size, max_batch_size, outputs)
+
+
+def check_output_kind_name(outputs: object) -> None:
+    """Refuse an ``outputs`` argument other than ``"logits"``, ``"probs"``, ``"log_probs"``."""
+    if outputs not in OUTPUT_KINDS:
+        raise ValueError(
+            f"`outputs` must be one of {', '.join(map(repr, OUTPUT_KINDS))} (what the model "
+            f"returns), got {outputs!r}."
+        )
+
+
+def check_output_values(values: Tensor, outputs: OutputKind, tolerance: float = 1e-2) -> None:
+    """Refuse ``(rows, classes)`` outputs that contradict ``outputs`` (reads 3 flags on the host).
+
+    ``"logits"`` whose rows all lie in ``[0, 1]`` and sum to 1 (within ``tolerance``) are
+    probabilities: a softmax of them would be wrong. ``"probs"`` must be such rows, and
+    ``"log_probs"`` rows whose exponentials are. (Log-probabilities given as ``"logits"`` are
+    fine: ``log_softmax`` leaves them unchanged.)
+    """
+    with torch.no_grad():
+        values = values.detach().float()
+        in_unit = ((values >= 0) & (values <= 1)).all()
+        sums_to_one = ((values.sum(-1) - 1).abs() <= tolerance).all()
+        exp_sums_to_one = ((values.exp().sum(-1) - 1).abs() <= tolerance).all()
+        in_unit_, sums_, exp_sums_ = torch.stack([in_unit, sums_to_one, exp_sums_to_one]).tolist()
+    if outputs == "logits" and in_unit_ and sums_:
+        raise ValueError(
+            "MC-dropout was told the model returns logits (`outputs='logits'`), but every row "
+            "lies in [0, 1] and sums to 1: these are probabilities, and a softmax of them would "
+            "flatten the prediction toward uniform. Pass `outputs='probs'` (or return the logits, "
+            "without the softmax)."
+        )
+    if outputs == "probs" and not (in_unit_ and sums_):
+        raise ValueError(
+            "MC-dropout was told the model returns probabilities (`outputs='probs'`), but its "
+            "rows are not in [0, 1] summing to 1. Pass `outputs='logits'` for unnormalised "
+            "scores or `outputs='log_probs'` for log_softmax outputs."
+        )
+    if outputs == "log_probs" and not exp_sums_:
+        raise ValueError(
+            "MC-dropout was told the model returns log-probabilities (`outputs='log_probs'`), but "
+            "the exponentials of its rows do not sum to 1. Pass `outputs='logits'` for "
+            "unnormalised scores or `outputs='probs'` for softmax outputs."
+        )
 
 
 def check_logits(logits: object, rows: int) -> None:
@@ -304,6 +380,6 @@ def check_logits(logits: object, rows: int) -> None:
         )
         raise ValueError(
             f"MC-dropout expects class logits of shape (batch={rows}, classes>=2), got {got}. "
-            "Return unnormalised logits (no softmax) with one column per class; for a binary "
-            "task return two columns, e.g. `torch.stack([-z, z], dim=-1)`."
+            "Return one column per class (logits, or probabilities with `outputs='probs'`); for "
+            "a binary task return two columns, e.g. `torch.stack([-z, z], dim=-1)`."
         )

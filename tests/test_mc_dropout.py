@@ -319,3 +319,75 @@ def test_models_and_outputs_that_cannot_work_are_refused_clearly(tmp_path):
         predict(ListPredictor(dropout=0.2))
     with pytest.raises(RuntimeError, match=r"under 'scores'.*keys \['logits', 'rows'\]"):
         predict(DictPredictor(dropout=0.2), logits_key="scores")
+
+
+class ProbsPredictor(TinyClassifier):
+    def predict_step(self, batch, batch_idx):
+        return self(batch).softmax(-1)
+
+
+class LogProbsPredictor(TinyClassifier):
+    def predict_step(self, batch, batch_idx):
+        return {"logits": self(batch).log_softmax(-1)}
+
+
+def test_probabilities_and_log_probabilities_are_declared_not_softmaxed_again(tmp_path):
+    torch.manual_seed(0)
+    logits_model = TinyClassifier(dropout=0.3)
+    probs_model, log_probs_model = ProbsPredictor(dropout=0.3), LogProbsPredictor(dropout=0.3)
+    probs_model.load_state_dict(logits_model.state_dict())
+    log_probs_model.load_state_dict(logits_model.state_dict())
+
+    def predict(model, **kwargs):
+        mc = MCDropoutPrediction(num_samples=4, seed=3, **kwargs)
+        pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[mc])).predict(model, _loader(n=40))
+        return mc.predictions
+
+    want = predict(logits_model)
+    for model, outputs in ((probs_model, "probs"), (log_probs_model, "log_probs")):
+        got = predict(model, outputs=outputs)
+        for a, b in zip(got, want, strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+    # probabilities taken for logits: refused on the first batch, naming the fix
+    with pytest.raises(ValueError, match=r"outputs='probs'.*without the softmax"):
+        predict(probs_model)
+    with pytest.raises(ValueError, match="rows are not in"):
+        predict(logits_model, outputs="probs")
+    with pytest.raises(ValueError, match="do not sum to 1"):
+        predict(logits_model, outputs="log_probs")
+    # the functional form: the same rule, the same numbers
+    net, x = _net(0), torch.randn(5, 6)
+    softmaxed = nn.Sequential(net, nn.Softmax(-1))
+    with pytest.raises(ValueError, match="outputs='probs'"):
+        mc_dropout_predict(softmaxed, x, num_samples=3, seed=1)
+    a = mc_dropout_predict(softmaxed, x, num_samples=3, seed=1, outputs="probs")
+    b = mc_dropout_predict(net, x, num_samples=3, seed=1)
+    assert all(torch.allclose(u, v, atol=1e-6) for u, v in zip(a, b, strict=True))
+    with pytest.raises(ValueError, match="`outputs` must be one of"):
+        MCDropoutPrediction(outputs="softmax")
+
+
+class HeldBatches(pl.Callback):
+    def __init__(self, mc):
+        self.mc, self.held = mc, []
+
+    def on_predict_batch_end(self, *args, **kwargs):
+        self.held.append(sum(len(b) for b in self.mc._batches))
+
+
+def test_keep_predictions_false_keeps_nothing_and_still_fills_dict_outputs(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    model = DictPredictor(dropout=0.3)
+    kept, lean = MCDropoutPrediction(num_samples=3), MCDropoutPrediction(3, keep_predictions=False)
+    outs, held = [], []
+    for mc in (kept, lean):
+        probe = HeldBatches(mc)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[mc, probe]))
+        outs.append(trainer.predict(model, _loader()))
+        held.append(probe.held)
+    assert held == [[1, 2, 3], [0, 0, 0]]  # results kept per batch by the callback
+    assert kept.predictions is not None and lean.predictions is None
+    assert set(outs[1][0]) == {"logits", "rows", "mc_probs", "mc_entropy", "mc_mutual_information"}
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a["mc_probs"], b["mc_probs"])
+        assert torch.equal(a["mc_mutual_information"], b["mc_mutual_information"])
