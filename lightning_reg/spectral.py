@@ -100,8 +100,11 @@ def apply_spectral_norm(
 
     A layer that already carries a spectral norm (added by you, or by an earlier fit) keeps it,
     with its own settings: two would divide by sigma twice and run two power iterations.
-    Registering draws the initial ``u``/``v`` from the global random generator (then runs 15 power
-    iterations), so it is reproducible under ``seed_everything``.
+    Registering draws the initial ``u``/``v`` with ``normal_`` (then runs 15 power iterations);
+    the draw runs under ``torch.random.fork_rng`` (CPU and the CUDA devices of the weights), so it
+    takes the values the global generator would give, reproducible under ``seed_everything``,
+    without consuming the global stream: the rest of your run draws what it would draw without
+    spectral normalization.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -114,13 +117,15 @@ def apply_spectral_norm(
         raise ValueError(
             f"`n_power_iterations` must be an integer >= 1, got {n_power_iterations!r}."
         )
-    added = []
-    for name, module in layers:
-        if find_spectral_norm(module) is None:
-            _check_weight(name, module)
+    todo = [(name, module) for name, module in layers if find_spectral_norm(module) is None]
+    for name, module in todo:
+        _check_weight(name, module)
+    weights = [cast(Tensor, _raw_weight(module)) for _, module in todo]
+    cuda = sorted({w.device.index or 0 for w in weights if w.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        for _, module in todo:
             spectral_norm(module, "weight", n_power_iterations=n_power_iterations, eps=eps)
-            added.append(name)
-    return added
+    return [name for name, _ in todo]
 
 
 def largest_singular_value(weight: Tensor, dim: int = 0) -> Tensor:

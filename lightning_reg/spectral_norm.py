@@ -28,9 +28,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_reg._lightning import is_lightning_class
+from lightning_reg._lightning import averaging_callbacks, is_lightning_class
 from lightning_reg.spectral import (
     apply_spectral_norm,
     constrained_spectral_norm,
@@ -133,6 +134,7 @@ class SpectralNormalization(Callback):
         )
         self._constrained: list[str] = []
         self._added: list[str] = []
+        self._load_hook: RemovableHandle | None = None
 
     @property
     @override
@@ -148,7 +150,8 @@ class SpectralNormalization(Callback):
         # Lightning attaches the module's bound `log`/`log_dict` to every callback at fit start;
         # they would drag the module along, and torch refuses to pickle a parametrized module.
         # The next fit attaches them again.
-        return {k: v for k, v in vars(self).items() if k not in ("log", "log_dict")}
+        state = {k: v for k, v in vars(self).items() if k not in ("log", "log_dict")}
+        return {**state, "_load_hook": None}  # a handle to a hook on the module, during a stage
 
     def regularization_settings(self) -> dict[str, Any]:
         """This callback's settings, for the TensorBoard hparams view."""
@@ -159,9 +162,58 @@ class SpectralNormalization(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._added = []
+        if stage != "fit":
+            # Leave the model alone unless a checkpoint with constrained layers is loaded into it:
+            # the restore comes after `setup` and `trainer.ckpt_path` is only set then, so the
+            # state_dict itself is looked at, by a load_state_dict pre-hook (torch's public one).
+            self._release_load_hook()
+            self._load_hook = pl_module.register_load_state_dict_pre_hook(self._constrain_to_load)
+            return
+        self._check_weight_averaging(trainer)
         layers = select_layers(pl_module, self.modules, self.types)
         self._constrained = [name for name, _ in layers]
         self._added = apply_spectral_norm(layers, self.n_power_iterations, self.eps)
+
+    def _constrain_to_load(self, module: nn.Module, state_dict: Any, prefix: str, *_: Any) -> None:
+        """Constrain the chosen layers whose constrained keys the loaded state_dict holds."""
+        layers = select_layers(module, self.modules, self.types)
+        wanted = [
+            (name, layer) for name, layer in layers
+            if f"{prefix}{name}.parametrizations.weight.original" in state_dict
+        ]  # fmt: skip
+        if wanted:
+            self._constrained = [name for name, _ in wanted]
+            self._added += apply_spectral_norm(wanted, self.n_power_iterations, self.eps)
+
+    def _release_load_hook(self) -> None:
+        hook = getattr(self, "_load_hook", None)
+        if hook is not None:
+            hook.remove()
+        self._load_hook = None
+
+    def _check_weight_averaging(self, trainer: pl.Trainer) -> None:
+        callbacks = list(trainer.callbacks)
+        position = callbacks.index(self) if self in callbacks else len(callbacks)
+        averaging = averaging_callbacks(callbacks)
+        before = [cb for cb in averaging if callbacks.index(cb) < position]
+        if before:
+            raise ValueError(
+                f"SpectralNormalization is listed after {type(before[0]).__name__} in the "
+                "Trainer's callbacks: that callback copies the model in its own `setup`, before "
+                "the spectral norm is added, so the averaged copy and the model no longer have the "
+                "same tensors. List SpectralNormalization before it: "
+                f"`callbacks=[SpectralNormalization(...), {type(before[0]).__name__}(...)]`."
+            )
+        if averaging and self.remove_at_end:
+            raise ValueError(
+                f"SpectralNormalization(remove_at_end=True) cannot be combined with "
+                f"{type(averaging[0]).__name__}: its averaged copy keeps the spectral norm "
+                "(torch's parametrization), and the model without it would no longer match the "
+                "copy's tensors at the next validation. Use remove_at_end=False, or bake the "
+                "constraint in after fit with `torch.nn.utils.parametrize.remove_parametrizations("
+                "layer, 'weight', leave_parametrized=True)`."
+            )
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -184,15 +236,38 @@ class SpectralNormalization(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Under a launched run (ddp_spawn/ddp_fork/ddp_notebook) Lightning copies the workers'
+        # weights back by name with strict=False: the layers this fit added must come back as
+        # plain `weight`s (the main process's model never had them constrained); the user's own
+        # spectral norms are in the main model too and stay.
         spawned = is_lightning_class(trainer.strategy.launcher, "_MultiProcessingLauncher")
         if self.remove_at_end or spawned:
-            _remove(pl_module, self._constrained if spawned else self._added)
+            _remove(pl_module, self._added)
         self._added = []
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
-            self._added = []
+            self._restore_after_evaluation(pl_module)
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # fit: the model stays constrained (it matches the checkpoints written so far)
+        if self._load_hook is not None:  # only set in validate/test/predict
+            self._restore_after_evaluation(pl_module)
+
+    def _restore_after_evaluation(self, pl_module: nn.Module) -> None:
+        """Undo what a validate/test/predict stage added to load a constrained checkpoint.
+
+        ``leave_parametrized=True``: the model keeps the checkpoint's weights in effect (the
+        constrained ones, as Lightning leaves any loaded checkpoint's weights in the model), as
+        plain ``weight`` parameters: the keys and classes it was found with.
+        """
+        self._release_load_hook()
+        _remove(pl_module, self._added)
+        self._added = []
 
 
 def _remove(pl_module: nn.Module, names: Sequence[str]) -> None:
