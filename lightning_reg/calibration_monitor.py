@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics.classification import MulticlassCalibrationError
 from typing_extensions import override
 
@@ -35,6 +35,7 @@ from lightning_reg._batch import BatchAdapter
 from lightning_reg._lightning import validated_weights
 from lightning_reg._subset import draw_indices, is_map_style, subset_loader
 from lightning_reg._utils import trainer_callbacks
+from lightning_reg.calibration import ClassOutputs, check_class_outputs
 from lightning_reg.tensorboard import log_scalars
 
 __all__ = ["CalibrationMonitor"]
@@ -56,13 +57,23 @@ class CalibrationMonitor(Callback):
     were just validated (the average, beside Lightning's weight averaging). With the default
     ``subset_size`` and ``seed`` the subset is the one
     :class:`~lightning_reg.GeneralizationGapMonitor` draws. ``Mixup`` and ``LabelSmoothing``
-    change training batches only: both sets are scored against class indices. Under DDP each rank
-    scores its share and torchmetrics gathers the confidences, so the values equal a
-    single-process evaluation.
+    change training batches only: both sets are scored against class indices.
 
-    Outputs must be ``(N, C)`` logits or probabilities (a softmax is applied when a value lies
-    outside ``[0, 1]``), targets ``(N,)`` class indices. Targets are not range-checked (that would
-    synchronise with the device): a label outside ``[0, C)`` counts as a wrong prediction.
+    Under DDP each rank scores its share and torchmetrics gathers the confidences. The training
+    subset is split across ranks without duplicates. A validation set whose size is not a
+    multiple of the world size is padded by torch's ``DistributedSampler`` (Lightning's default,
+    ``use_distributed_sampler=True``) with repeats of its first samples at the end of some ranks'
+    shares; the callback recognises that sampler (also as ``batch_sampler.sampler``) and drops
+    the padded rows, so the values equal a single-process evaluation. A custom distributed
+    sampler that repeats samples is scored as it delivers them (repeats counted).
+
+    Outputs are ``(N, C)`` logits (a softmax is applied), or probabilities with
+    ``outputs="probs"``: decided once by the argument, never guessed from a batch's values. The
+    first scored batch (in the sanity check if there is one) is checked once, one read on the
+    host: ``"probs"`` outside ``[0, 1]`` are refused, and so are ``"logits"`` whose rows all lie
+    in ``[0, 1]`` and sum to 1 (probabilities, which a softmax would flatten). Targets are
+    ``(N,)`` class indices, not range-checked (that would synchronise with the device): a label
+    outside ``[0, C)`` counts as a wrong prediction.
 
     Args:
         subset_size: number of training samples scored per validation.
@@ -77,12 +88,14 @@ class CalibrationMonitor(Callback):
         batch_size: the largest batch size of the subset pass (default: the train dataloader's).
         seed: seed of the subset's indices.
         val_dataloader_idx: with several validation dataloaders, the one that is scored.
+        outputs: what the model (or ``logits_fn``) returns: ``"logits"`` or ``"probs"``.
 
     Raises:
         ValueError: for a bad ``subset_size``, ``n_bins``, ``num_classes``, ``batch_size`` or
-            ``val_dataloader_idx``, or a ``logits_fn`` that is not callable; during the first
-            validation (the sanity check if there is one), for outputs that are not ``(N, C)``
-            floating rows, soft or non-``(N,)`` targets, or a width other than ``num_classes``.
+            ``val_dataloader_idx``, an unknown ``outputs``, or a ``logits_fn`` that is not
+            callable; during the first validation (the sanity check if there is one), for outputs
+            that are not ``(N, C)`` floating rows or contradict ``outputs``, soft or non-``(N,)``
+            targets, or a width other than ``num_classes``.
         RuntimeError: before the first training step, when no subset can be drawn (an iterable
             training dataset without ``dataset=``).
 
@@ -111,6 +124,7 @@ class CalibrationMonitor(Callback):
         batch_size: int | None = None,
         seed: int = 0,
         val_dataloader_idx: int = 0,
+        outputs: ClassOutputs = "logits",
     ) -> None:
         for name, value, low in (
             ("subset_size", subset_size, 1), ("n_bins", n_bins, 1),
@@ -122,6 +136,10 @@ class CalibrationMonitor(Callback):
             raise ValueError(f"`num_classes` must be an int >= 2, got {num_classes!r}.")
         if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
             raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}.")
+        if outputs not in ("logits", "probs"):
+            raise ValueError(
+                f"`outputs` must be 'logits' or 'probs' (what the model returns), got {outputs!r}."
+            )
         if logits_fn is not None and not callable(logits_fn):
             raise ValueError(
                 f"`logits_fn` must be a function `(pl_module, batch) -> logits`, got {logits_fn!r}."
@@ -129,7 +147,7 @@ class CalibrationMonitor(Callback):
         self.subset_size, self.n_bins, self.num_classes = subset_size, n_bins, num_classes
         self.logits_fn, self.adapter = logits_fn, BatchAdapter(input_key, target_key)
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.val_dataloader_idx = val_dataloader_idx
+        self.val_dataloader_idx, self.outputs = val_dataloader_idx, outputs
         self._state_key = self._generate_state_key(
             subset_size=subset_size, n_bins=n_bins, seed=seed, val_dataloader_idx=val_dataloader_idx
         )
@@ -140,6 +158,8 @@ class CalibrationMonitor(Callback):
         self.history: dict[str, list[float]] = {"val_ece": [], "train_ece": []}
         self._loader: DataLoader | None = None
         self._val_metric: MulticlassCalibrationError | None = None
+        self._outputs_checked = False
+        self._val_rows_left: int | None = None  # real (unpadded) validation rows of this rank
 
     @property
     @override
@@ -177,6 +197,7 @@ class CalibrationMonitor(Callback):
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_metric = None
+        self._val_rows_left = _unpadded_rows(trainer, self.val_dataloader_idx)
 
     @override
     def on_validation_batch_start(
@@ -190,12 +211,17 @@ class CalibrationMonitor(Callback):
         # before `validation_step`, so an unscorable batch is refused before the user's code fails
         if not self._active(trainer) or dataloader_idx != self.val_dataloader_idx:
             return
-        logits, targets = self._score_batch(trainer, pl_module, batch, "validation")
+        probs, targets = self._score_batch(trainer, pl_module, batch, "validation")
         if trainer.sanity_checking:
             return  # the sanity check only proves the outputs can be scored
         if self._val_metric is None:
-            self._val_metric = self._new_metric(logits)
-        self._val_metric.update(logits, targets)
+            self._val_metric = self._new_metric(probs)
+        if self._val_rows_left is not None:  # drop the sampler's padding (host-side counts)
+            keep = min(probs.shape[0], self._val_rows_left)
+            self._val_rows_left -= keep
+            probs, targets = probs[:keep], targets[:keep]
+        if probs.shape[0]:
+            self._val_metric.update(probs, targets)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -216,17 +242,21 @@ class CalibrationMonitor(Callback):
         log_scalars(trainer, scalars)
 
     # ------------------------------------------------------------------------------- scoring
-    def _new_metric(self, logits: Tensor) -> MulticlassCalibrationError:
+    def _new_metric(self, probs: Tensor) -> MulticlassCalibrationError:
         # validate_args=False: torchmetrics' range check of the targets would read them on the host
         metric = MulticlassCalibrationError(
-            num_classes=logits.shape[1], n_bins=self.n_bins, norm="l1", validate_args=False
+            num_classes=probs.shape[1], n_bins=self.n_bins, norm="l1", validate_args=False
         )
-        return metric.to(logits.device)
+        return metric.to(probs.device)
 
     def _score_batch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, where: str
     ) -> tuple[Tensor, Tensor]:
-        """The float32 logits of a device batch and its class-index targets, checked."""
+        """The float32 probabilities of a device batch and its class-index targets, checked.
+
+        Probabilities, not logits, go to torchmetrics, so its per-batch guess from the value range
+        (softmax only when a value lies outside [0, 1]) never decides.
+        """
         _, targets = self.adapter.split(batch)
         with trainer.precision_plugin.forward_context():
             if self.logits_fn is not None:
@@ -234,7 +264,14 @@ class CalibrationMonitor(Callback):
             else:
                 logits = pl_module(self.adapter.split(batch)[0])
         self._check(logits, targets, where)
-        return logits.float(), targets
+        values = logits.float()
+        if not self._outputs_checked:  # once per fit: one read on the host
+            try:
+                check_class_outputs(values, self.outputs)
+            except ValueError as error:
+                raise ValueError(f"CalibrationMonitor ({where} batch): {error}") from None
+            self._outputs_checked = True
+        return (values.softmax(dim=1) if self.outputs == "logits" else values), targets
 
     def _check(self, logits: Any, targets: Any, where: str) -> None:
         """Refuse what cannot be scored (shapes and dtypes only: no device sync)."""
@@ -318,9 +355,9 @@ class CalibrationMonitor(Callback):
                     batch = trainer.precision_plugin.convert_input(batch)
                     batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=idx)
                     batch = trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
-                    logits, targets = self._score_batch(trainer, pl_module, batch, "training")
-                    metric = metric or self._new_metric(logits)
-                    metric.update(logits, targets)
+                    probs, targets = self._score_batch(trainer, pl_module, batch, "training")
+                    metric = metric or self._new_metric(probs)
+                    metric.update(probs, targets)
         finally:
             for module, training in modes.items():
                 module.training = training
@@ -336,3 +373,24 @@ class CalibrationMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         history = state_dict.get("history", {})
         self.history = {k: list(history.get(k, [])) for k in ("val_ece", "train_ece")}
+
+
+def _unpadded_rows(trainer: pl.Trainer, dataloader_idx: int) -> int | None:
+    """This rank's real validation rows when a ``DistributedSampler`` pads the set, else None.
+
+    The sampler pads the index list with its first entries up to a multiple of the world size
+    and gives rank ``r`` positions ``r, r + W, ...``: the real ones (``< len(dataset)``) come
+    first, the padding last.
+    """
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, list | tuple):
+        loaders = loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
+    sampler = getattr(loaders, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        sampler = getattr(getattr(loaders, "batch_sampler", None), "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    size = len(sampler.dataset)  # type: ignore[arg-type]
+    if sampler.total_size == size:
+        return None
+    return len(range(sampler.rank, size, sampler.num_replicas))

@@ -43,7 +43,8 @@ def test_ece_matches_a_direct_implementation_and_torchmetrics(seed, n_bins):
     probs = logits.softmax(1)
     ours = expected_calibration_error(logits, targets, n_bins)
     assert ours.item() == pytest.approx(direct_ece(probs, targets, n_bins), abs=1e-9)
-    assert expected_calibration_error(probs, targets, n_bins).item() == pytest.approx(ours.item())
+    from_probs = expected_calibration_error(probs, targets, n_bins, outputs="probs")
+    assert from_probs.item() == pytest.approx(ours.item())
     metric = MulticlassCalibrationError(num_classes=5, n_bins=n_bins, norm="l1")
     assert ours.item() == pytest.approx(metric(logits.float(), targets).item(), abs=1e-6)
     bins = calibration_bins(logits, targets, n_bins)
@@ -63,6 +64,21 @@ def test_ece_refuses_bad_input():
         expected_calibration_error(torch.zeros(4, 1), targets)
     with pytest.raises(ValueError, match="n_bins"):
         expected_calibration_error(probs, targets, n_bins=0)
+    with pytest.raises(ValueError, match="outputs='probs'"):  # probabilities given as logits
+        expected_calibration_error(probs, targets)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        expected_calibration_error(probs - 0.5, targets, outputs="probs")
+    with pytest.raises(ValueError, match="'logits' or 'probs'"):
+        expected_calibration_error(probs, targets, outputs="softmax")
+
+
+def test_logits_inside_zero_one_are_logits_unless_told_otherwise():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.rand(200, 4, generator=g, dtype=torch.float64)  # raw scores in [0, 1)
+    targets = torch.randint(0, 4, (200,), generator=g)
+    want = direct_ece(logits.softmax(1), targets, 15)
+    assert expected_calibration_error(logits, targets).item() == pytest.approx(want, abs=1e-9)
+    assert direct_ece(logits, targets, 15) != pytest.approx(want, abs=1e-3)  # the old guess
 
 
 def _direct_callback_values(model, dm, subset_size, n_bins=15):
@@ -121,6 +137,47 @@ def test_a_forward_that_is_not_inputs_to_logits_needs_logits_fn(tmp_path):
     assert 0 <= trainer.callback_metrics["reg/calibration/val_ece"].item() <= 1
 
 
+class SquashedLogits(TinyClassifier):
+    """Raw logits that always lie in (0, 1): the value range cannot tell them from probs."""
+
+    def forward(self, x):
+        return torch.sigmoid(self.net(x))
+
+
+class SoftmaxOutputs(TinyClassifier):
+    def forward(self, x):
+        return self.net(x).softmax(-1)
+
+
+def test_outputs_are_declared_once_not_guessed_per_batch(tmp_path):
+    def fit(model, callback, sanity=0):
+        pl.seed_everything(0, verbose=False)
+        dm = BlobsDataModule()
+        trainer = pl.Trainer(**trainer_kwargs(
+            tmp_path, callbacks=[callback], max_epochs=1, num_sanity_val_steps=sanity,
+        ))  # fmt: skip
+        trainer.fit(model, datamodule=dm)
+        model.eval()
+        x, y = dm.val_set.tensors
+        with torch.no_grad():
+            outputs = model(x).double()
+        return trainer.callback_metrics["reg/calibration/val_ece"].item(), outputs, y
+
+    logged, outputs, y = fit(SquashedLogits(hidden=32), CalibrationMonitor(subset_size=32))
+    assert logged == pytest.approx(direct_ece(outputs.softmax(1), y, 15), abs=1e-5)
+    assert logged != pytest.approx(direct_ece(outputs, y, 15), abs=1e-3)  # not read as probs
+    monitor = CalibrationMonitor(subset_size=32, outputs="probs")
+    logged, outputs, y = fit(SoftmaxOutputs(hidden=32), monitor)
+    assert logged == pytest.approx(direct_ece(outputs, y, 15), abs=1e-5)
+    # contradictions are refused once, in the sanity check, naming the fix
+    with pytest.raises(ValueError, match=r"validation batch.*outputs='probs'"):
+        fit(SoftmaxOutputs(hidden=32), CalibrationMonitor(subset_size=32), sanity=1)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*outputs='logits'"):
+        fit(TinyClassifier(hidden=32), CalibrationMonitor(outputs="probs"), sanity=1)
+    with pytest.raises(ValueError, match="outputs"):
+        CalibrationMonitor(outputs="softmax")
+
+
 class SoftValidation(BlobsDataModule):
     def val_dataloader(self):
         x, y = self.val_set.tensors
@@ -145,13 +202,19 @@ def test_bad_input_is_refused(tmp_path):
 @pytest.mark.timeout(180)
 def test_two_processes_give_the_single_process_value(tmp_path):
     pl.seed_everything(0, verbose=False)
-    model, dm = TinyClassifier(hidden=32, lr=0.1), BlobsDataModule(shuffle=False)
+    # 127 validation samples: DistributedSampler pads rank 1 with sample 0, which is dropped
+    model, dm = TinyClassifier(hidden=32, lr=0.1), BlobsDataModule(shuffle=False, n_val=127)
     trainer = pl.Trainer(**trainer_kwargs(
         tmp_path, max_epochs=1, devices=2, strategy="ddp_spawn",
         callbacks=[CalibrationMonitor(subset_size=101)],
     ))  # fmt: skip
     trainer.fit(model, datamodule=dm)
     val, train = _direct_callback_values(model, dm, 101)  # the trained weights, one process
+    x, y = dm.val_set.tensors
+    padded = torch.cat([torch.arange(127), torch.tensor([0])])
+    with torch.no_grad():
+        with_duplicate = direct_ece(model(x[padded]).double().softmax(1), y[padded], 15)
+    assert with_duplicate != pytest.approx(val, abs=1e-5)  # counting the padding would show
     logged = trainer.callback_metrics
     assert logged["reg/calibration/val_ece"].item() == pytest.approx(val, abs=1e-5)
     assert logged["reg/calibration/train_ece"].item() == pytest.approx(train, abs=1e-5)
