@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_reg._lightning import averaging_callbacks, is_lightning_class
+from lightning_reg._utils import trainer_callbacks
 from lightning_reg.spectral import (
     apply_spectral_norm,
     constrained_spectral_norm,
@@ -193,7 +194,7 @@ class SpectralNormalization(Callback):
         self._load_hook = None
 
     def _check_weight_averaging(self, trainer: pl.Trainer) -> None:
-        callbacks = list(trainer.callbacks)
+        callbacks = trainer_callbacks(trainer)
         position = callbacks.index(self) if self in callbacks else len(callbacks)
         averaging = averaging_callbacks(callbacks)
         before = [cb for cb in averaging if callbacks.index(cb) < position]
