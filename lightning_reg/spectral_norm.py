@@ -48,13 +48,23 @@ __all__ = ["SpectralNormalization"]
 class SpectralNormalization(Callback):
     """Constrain the spectral norm of chosen layers with torch's ``spectral_norm`` parametrization.
 
-    In ``setup`` (every stage; Lightning runs it before ``configure_model``,
+    In ``setup`` of ``fit`` (Lightning runs it before ``configure_model``,
     ``configure_optimizers`` and the restore of a checkpoint) the chosen layers get
     ``torch.nn.utils.parametrizations.spectral_norm`` on their ``weight``. So the optimizer holds
     each layer's ``parametrizations.weight.original``, a checkpoint holds ``original`` and the
-    power-iteration buffers ``_u``/``_v``, and resuming (or ``trainer.validate(ckpt_path=...)``)
-    restores them bitwise. A layer that already carries a spectral norm (your own, or this
-    callback's from an earlier fit) keeps it: nothing is stacked.
+    power-iteration buffers ``_u``/``_v``, and resuming restores them bitwise. A layer that
+    already carries a spectral norm (your own, or this callback's from an earlier fit) keeps it:
+    nothing is stacked. Adding one draws ``u``/``v`` from a fork of the global random generator
+    (``torch.random.fork_rng``), so your run's random stream is not consumed.
+
+    ``validate``/``test``/``predict`` leave the model as they find it, except to load a checkpoint
+    whose state_dict holds constrained keys (``<layer>.parametrizations.weight.original``) for
+    chosen layers the model does not constrain (``trainer.validate(fresh_model, ckpt_path=...)``):
+    those layers get the spectral norm just before the load (a ``load_state_dict`` pre-hook, as the
+    restore comes after ``setup``), and in ``teardown`` it is baked in again
+    (``leave_parametrized=True``, eval mode): the model keeps its keys and classes, with the
+    checkpoint's constrained weights in effect, as Lightning leaves any checkpoint's weights in the
+    model.
 
     After fit the constraint stays on the model: it is part of the model you trained, and its
     ``state_dict`` matches the checkpoints. With ``remove_at_end=True`` the spectral norms this fit
@@ -65,10 +75,18 @@ class SpectralNormalization(Callback):
     checkpoints written so far and a resume proceeds. To load one of those checkpoints into a
     fresh model without a Trainer, call ``apply_spectral_norm(select_layers(model, ...))`` first.
 
-    Under a spawning strategy (``strategy="ddp_spawn"``) training happens in worker processes and
-    Lightning copies the weights back into your (never constrained) model by name, skipping names
-    it does not know; the callback therefore always removes the constraint at the end of such a
-    fit, so the constrained weights do come back.
+    Under a launched strategy (``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``) training
+    happens in worker processes and Lightning copies the weights back into your model by name,
+    silently skipping names it does not know; the callback therefore always bakes in, at the end
+    of such a fit, the spectral norms it added (your model in the main process never had them),
+    so the constrained weights do come back. Spectral norms you put on the model yourself stay:
+    your model carries them too, and their ``original`` weights come back under the same names.
+
+    With Lightning's ``WeightAveraging``/``EMAWeightAveraging``, list this callback first: the
+    averaging callback copies the model in its own ``setup``, and the copy must carry the
+    constraint (it then averages ``original``, ``_u`` and ``_v``, and validation uses the averaged
+    weight over its averaged estimate). Listed after it, or with ``remove_at_end=True``, the
+    combination is refused in ``setup``.
 
     Args:
         modules: ``fnmatch`` patterns on ``named_modules()`` names (``"net.*"``,
@@ -84,7 +102,8 @@ class SpectralNormalization(Callback):
         ValueError: in ``__init__`` for neither ``modules`` nor ``types``, a string for
             ``modules``, ``n_power_iterations < 1`` or ``eps <= 0``; in ``setup`` for a pattern
             that matches no module (the message lists some names), an empty selection, or a
-            chosen module without a 2-D+ ``weight``.
+            chosen module without a 2-D+ ``weight``; in ``setup`` of fit when listed after a
+            ``WeightAveraging`` callback, or ``remove_at_end=True`` with one.
 
     Example:
         >>> from lightning.pytorch import Trainer
