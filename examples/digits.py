@@ -202,7 +202,7 @@ def calibration(model: nn.Module, data: TensorDataset) -> tuple[float, float]:
     probs = model(x).softmax(-1)
     confidence, prediction = probs.max(-1)
     excess = (confidence - (prediction == y).float()).mean().item()
-    return expected_calibration_error(probs, y).item(), excess
+    return expected_calibration_error(probs, y, outputs="probs").item(), excess
 
 
 @torch.no_grad()
