@@ -114,12 +114,16 @@ def check_tools(chromium: str) -> None:
         )
 
 
-def run_demo(logroot: Path, demo_args: list[str]) -> Path:
-    """Run examples/digits.py into ``logroot``; return the folder TensorBoard reads."""
-    command = [sys.executable, str(ROOT / "examples" / "digits.py"), "--logdir", str(logroot)]
+def run_demo(workdir: Path, demo_args: list[str]) -> Path:
+    """Run examples/digits.py in ``workdir``; return the folder TensorBoard reads, relative to it.
+
+    The logs go to ``lightning_logs/`` there, the demo's default, so that the pictures show the
+    log folder a reader of the docs gets from ``make demo``.
+    """
+    command = [sys.executable, str(ROOT / "examples" / "digits.py"), "--logdir", "lightning_logs"]
     print("running the demo:", " ".join([*command, *demo_args]), flush=True)
-    subprocess.run([*command, *demo_args], cwd=ROOT, check=True)
-    return logroot / "digits"
+    subprocess.run([*command, *demo_args], cwd=workdir, check=True)
+    return Path("lightning_logs") / "digits"
 
 
 def free_port() -> int:
@@ -130,7 +134,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def tensorboard(logdir: Path) -> Iterator[str]:
+def tensorboard(logdir: Path, cwd: Path) -> Iterator[str]:
     """TensorBoard on loopback, every event file loaded before it answers; stopped on exit."""
     port = free_port()
     command = [
@@ -141,7 +145,7 @@ def tensorboard(logdir: Path) -> Iterator[str]:
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until_served(url, process, log)
             yield url
@@ -363,16 +367,17 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out.resolve()
     with tempfile.TemporaryDirectory(prefix="tb-screenshots-") as tmp:
         if args.logdir is None:
-            logdir = run_demo(Path(tmp), args.demo_args)
+            cwd = Path(tmp)
+            logdir = run_demo(cwd, args.demo_args)
             if args.keep_logs:
                 kept = Path(tempfile.mkdtemp(prefix="tb-screenshots-logs-"))
-                shutil.copytree(logdir, kept, dirs_exist_ok=True)
+                shutil.copytree(cwd / logdir, kept, dirs_exist_ok=True)
                 print(f"demo logs kept in {kept}")
         else:
-            logdir = args.logdir
+            cwd, logdir = Path.cwd(), args.logdir
             if not any(logdir.rglob("events.out.tfevents.*")):
                 sys.exit(f"no TensorBoard event files under {logdir}")
-        with tensorboard(logdir) as url:
+        with tensorboard(logdir, cwd) as url:
             print(f"TensorBoard at {url}", flush=True)
             capture(url, args)
 
