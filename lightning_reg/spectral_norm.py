@@ -154,6 +154,7 @@ class SpectralNormalization(Callback):
         )
         self._constrained: list[str] = []
         self._added: list[str] = []
+        self._orders: dict[str, list[str]] = {}
         self._load_hook: RemovableHandle | None = None
 
     @property
@@ -193,6 +194,7 @@ class SpectralNormalization(Callback):
         self._check_weight_averaging(trainer)
         layers = select_layers(pl_module, self.modules, self.types)
         self._constrained = [name for name, _ in layers]
+        self._orders = _parameter_orders(layers)
         self._added = apply_spectral_norm(layers, self.n_power_iterations, self.eps)
 
     def _constrain_to_load(self, module: nn.Module, state_dict: Any, prefix: str, *_: Any) -> None:
@@ -204,6 +206,7 @@ class SpectralNormalization(Callback):
         ]  # fmt: skip
         if wanted:
             self._constrained = [name for name, _ in wanted]
+            self._orders.update(_parameter_orders(wanted))
             self._added += apply_spectral_norm(wanted, self.n_power_iterations, self.eps)
 
     def _release_load_hook(self) -> None:
@@ -262,7 +265,7 @@ class SpectralNormalization(Callback):
         # spectral norms are in the main model too and stay.
         spawned = is_lightning_class(trainer.strategy.launcher, "_MultiProcessingLauncher")
         if self.remove_at_end or spawned:
-            _remove(pl_module, self._added)
+            _remove(pl_module, self._added, self._orders)
         self._added = []
 
     @override
@@ -286,14 +289,17 @@ class SpectralNormalization(Callback):
         plain ``weight`` parameters: the keys and classes it was found with.
         """
         self._release_load_hook()
-        _remove(pl_module, self._added)
+        _remove(pl_module, self._added, self._orders)
         self._added = []
 
 
-def _remove(pl_module: nn.Module, names: Sequence[str]) -> None:
+def _remove(pl_module: nn.Module, names: Sequence[str], orders: dict[str, list[str]]) -> None:
     """Replace each layer's spectral norm with a plain ``weight`` holding the constrained value.
 
-    The spectral norm runs in eval mode for it (no extra power-iteration step).
+    The spectral norm runs in eval mode for it (no extra power-iteration step). torch registers
+    the plain ``weight`` last; the layer's parameters are put back in the order they had before
+    the spectral norm (``orders``), so ``parameters()``, and an optimizer's state indexed by it,
+    keep the order of the unconstrained architecture.
     """
     modules = dict(pl_module.named_modules())
     for name in names:
@@ -303,3 +309,11 @@ def _remove(pl_module: nn.Module, names: Sequence[str]) -> None:
             continue
         norm.eval()
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        params = module._parameters
+        order = [k for k in orders.get(name, []) if k in params]
+        held = {k: params.pop(k) for k in [*order, *(k for k in list(params) if k not in order)]}
+        params.update(held)
+
+
+def _parameter_orders(layers: Sequence[tuple[str, nn.Module]]) -> dict[str, list[str]]:
+    return {name: list(module._parameters) for name, module in layers}

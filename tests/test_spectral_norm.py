@@ -10,7 +10,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
@@ -24,7 +25,14 @@ from lightning_reg import (
     largest_singular_value,
     select_layers,
 )
-from tests.helpers import BlobsDataModule, CrashAt, TinyClassifier, same_state, trainer_kwargs
+from tests.helpers import (
+    BlobsDataModule,
+    CrashAt,
+    GlooDDPSpawn,
+    TinyClassifier,
+    same_state,
+    trainer_kwargs,
+)
 
 
 def _matrix(weight, dim):
@@ -176,7 +184,7 @@ def test_remove_at_end_leaves_plain_weights_and_a_crash_leaves_the_constraint(tm
     callback = SpectralNormalization(types=(nn.Linear,), remove_at_end=True)
     model, _ = _fit(tmp_path / "a", [callback], max_epochs=2)
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
-    assert set(model.state_dict()) == set(TinyClassifier().state_dict())
+    assert list(model.state_dict()) == list(TinyClassifier().state_dict())  # order kept too
     assert 0.9 < _sigma_max(model.net[0].weight.detach()).item() < 1.3
     pickle.loads(pickle.dumps(model))
 
@@ -224,26 +232,45 @@ class _RankNorms(pl.Callback):
         norms = {n: constrained_spectral_norm(pl_module.net[i]) for n, i in (("0", 0), ("3", 3))}
         state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         pl_module.eval()
-        weight = pl_module.net[0].weight.detach().clone()
+        weight = pl_module.net[3].weight.detach().clone()
         torch.save(
             {"norms": norms, "state": state, "weight": weight},
             f"{self.root}/r{trainer.global_rank}.pt",
         )
 
 
+class _GlooDDPFork(GlooDDPSpawn):
+    """``strategy="ddp_fork"`` (what ``"ddp_notebook"`` is too), with GlooDDPSpawn's clean-up."""
+
+    def __init__(self):
+        DDPStrategy.__init__(self, start_method="fork")
+
+
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
-def test_ddp_ranks_agree_and_the_main_process_gets_the_constrained_weights(tmp_path):
+def test_ddp_fork_ranks_agree_and_the_main_process_gets_every_trained_weight(tmp_path):
+    # net.0 carries the user's own spectral norm, net.3 gets the callback's. Lightning copies the
+    # workers' weights back by name with strict=False: both must come back trained.
     model = TinyClassifier(lr=0.05)
+    spectral_norm(model.net[0])
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     callback = SpectralNormalization(types=(nn.Linear,))
     _fit(tmp_path, [callback, _RankNorms(str(tmp_path))], model=model, max_epochs=2,
-         devices=2, strategy="ddp_spawn")  # fmt: skip
+         devices=2, strategy=_GlooDDPFork())  # fmt: skip
     ranks = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (0, 1)]
     assert same_state(ranks[0]["state"], ranks[1]["state"])
     assert ranks[0]["norms"] == ranks[1]["norms"]
-    assert 0.9 < ranks[0]["norms"]["0"].item() < 1.5
-    # spawned workers: the constraint is baked in at fit end, so the weights come back
-    assert torch.equal(model.net[0].weight.detach(), ranks[0]["weight"])
+    assert 0.9 < ranks[0]["norms"]["3"].item() < 1.5
+    # the user's spectral norm stays, trained: rank 0's values under the same names
+    assert parametrize.is_parametrized(model.net[0], "weight")
+    assert not parametrize.is_parametrized(model.net[3], "weight")
+    for key in ("net.0.parametrizations.weight.original", "net.0.parametrizations.weight.0._u"):
+        assert torch.equal(model.state_dict()[key], ranks[0]["state"][key])
+    # the callback's is baked in: rank 0's eval-mode constrained weight
+    assert torch.equal(model.net[3].weight.detach(), ranks[0]["weight"])
+    for key, value in model.state_dict().items():  # every weight changed by training
+        if key.endswith(("weight", "original", "bias")):
+            assert not torch.equal(value, initial.get(key, torch.zeros(0))), key
 
 
 @pytest.mark.parametrize(
@@ -276,3 +303,111 @@ def test_bad_selections_are_refused_before_training(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _fit(tmp_path, [SpectralNormalization(**kwargs)], model=model, max_epochs=1)
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+class _Evaluated(TinyClassifier):
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def _run_stage(trainer, stage, model, loader, **kwargs):
+    if stage == "predict":
+        return torch.cat(trainer.predict(model, loader, **kwargs))
+    return getattr(trainer, stage)(model, loader, verbose=False, **kwargs)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_evaluating_after_remove_at_end_leaves_the_model_as_fit_left_it(tmp_path, stage):
+    pl.seed_everything(0, verbose=False)
+    model = _Evaluated(lr=0.05)
+    dm = BlobsDataModule()
+    trainer = pl.Trainer(**trainer_kwargs(
+        tmp_path, callbacks=[SpectralNormalization(types=(nn.Linear,), remove_at_end=True)],
+        max_epochs=1,
+    ))  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    x = next(iter(loader))[0]
+    model.eval()
+    before_out, before_state = model(x).detach(), dict(model.state_dict())
+    keys = list(before_state)
+
+    plain = pl.Trainer(**trainer_kwargs(tmp_path / "plain"))
+    torch.manual_seed(1)
+    _run_stage(plain, stage, model, loader)  # what the stage itself draws from the global RNG
+    expected_rng = torch.random.get_rng_state()
+    torch.manual_seed(1)
+    _run_stage(trainer, stage, model, loader)
+    assert torch.equal(torch.random.get_rng_state(), expected_rng)
+    assert list(model.state_dict()) == keys
+    assert same_state(model.state_dict(), before_state)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    model.eval()
+    assert torch.equal(model(x), before_out)
+    pickle.loads(pickle.dumps(model))
+
+
+def test_evaluating_a_fresh_model_from_a_spectral_checkpoint(tmp_path):
+    callback = SpectralNormalization(types=(nn.Linear,))
+    model, trainer = _fit(tmp_path, [callback], model=_Evaluated(lr=0.05), max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "spectral.ckpt")
+    dm = BlobsDataModule()
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    expected = trainer.validate(model, loader, verbose=False)[0]
+    model.eval()
+    constrained = {i: model.net[i].weight.detach().clone() for i in (0, 3)}
+    x = next(iter(loader))[0]
+
+    fresh = _Evaluated()
+    keys = list(fresh.state_dict())
+    evaluator = pl.Trainer(**trainer_kwargs(tmp_path / "eval", callbacks=[callback]))
+    got = evaluator.validate(fresh, loader, ckpt_path=tmp_path / "spectral.ckpt", verbose=False)
+    assert got[0] == expected
+    # restored as found: plain keys and classes, the checkpoint's constrained weights in effect
+    assert list(fresh.state_dict()) == keys
+    assert not any(parametrize.is_parametrized(m) for m in fresh.modules())
+    assert all(torch.equal(fresh.net[i].weight, constrained[i]) for i in (0, 3))
+    fresh.eval()
+    assert torch.equal(fresh(x), model(x))
+    pickle.loads(pickle.dumps(fresh))
+    predicted = evaluator.predict(fresh, loader, ckpt_path=tmp_path / "spectral.ckpt")
+    assert torch.equal(torch.cat(predicted), _run_stage(evaluator, "predict", fresh, loader))
+    assert list(fresh.state_dict()) == keys
+
+
+def test_adding_the_constraint_leaves_the_global_random_stream_alone():
+    torch.manual_seed(3)
+    layer, direct = nn.Linear(6, 5), nn.Linear(6, 5)
+    direct.load_state_dict(layer.state_dict())
+    state = torch.random.get_rng_state()
+    apply_spectral_norm([("layer", layer)])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    spectral_norm(direct)  # the same draws, from the global generator itself
+    assert not torch.equal(torch.random.get_rng_state(), state)
+    assert same_state(layer.state_dict(), direct.state_dict())
+
+
+def test_weight_averaging_must_come_after_and_then_averages_the_constrained_layers(tmp_path):
+    model = TinyClassifier(lr=0.05)
+    with pytest.raises(ValueError, match="List SpectralNormalization before it"):
+        _fit(tmp_path / "a", [EMAWeightAveraging(), SpectralNormalization(types=(nn.Linear,))],
+             model=model, max_epochs=1)  # fmt: skip
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    with pytest.raises(ValueError, match="remove_at_end=True"):
+        _fit(tmp_path / "b", [SpectralNormalization(types=(nn.Linear,), remove_at_end=True),
+                              EMAWeightAveraging()], max_epochs=1)  # fmt: skip
+
+    ema = EMAWeightAveraging(decay=0.5)
+    model, trainer = _fit(tmp_path / "c", [SpectralNormalization(types=(nn.Linear,)), ema],
+                          max_epochs=2)  # fmt: skip
+    average = ema._average_model.module
+    assert parametrize.is_parametrized(average.net[0], "weight")
+    assert trainer.callback_metrics["val_acc"] > 0.5
+    # the model ends with the average (Lightning copies it in at train end), constrained
+    assert same_state(model.state_dict(), average.state_dict())
+    assert 0.8 < constrained_spectral_norm(model.net[0]).item() < 1.5
