@@ -411,3 +411,26 @@ def test_weight_averaging_must_come_after_and_then_averages_the_constrained_laye
     # the model ends with the average (Lightning copies it in at train end), constrained
     assert same_state(model.state_dict(), average.state_dict())
     assert 0.8 < constrained_spectral_norm(model.net[0]).item() < 1.5
+
+
+class _FailOnValidationStart(pl.Callback):
+    def on_validation_start(self, trainer, pl_module):
+        raise RuntimeError("simulated failure")
+
+
+def test_a_failing_evaluation_still_restores_the_model_it_constrained_to_load(tmp_path):
+    callback = SpectralNormalization(types=(nn.Linear,))
+    _, trainer = _fit(tmp_path, [callback], max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "spectral.ckpt")
+    fresh = TinyClassifier()
+    keys = list(fresh.state_dict())
+    evaluator = pl.Trainer(**trainer_kwargs(
+        tmp_path / "eval", callbacks=[callback, _FailOnValidationStart()],
+    ))  # fmt: skip
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        evaluator.validate(
+            fresh, datamodule=BlobsDataModule(), ckpt_path=tmp_path / "spectral.ckpt"
+        )
+    assert list(fresh.state_dict()) == keys
+    assert not any(parametrize.is_parametrized(m) for m in fresh.modules())
+    assert not fresh._load_state_dict_pre_hooks  # the pre-hook is gone too
