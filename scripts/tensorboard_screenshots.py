@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -56,7 +57,7 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-TIMEOUT_MS = 60_000
+TIMEOUT_MS = 120_000  # generous: the machine may be busy
 # The HParams tab has a column for every setting of every recipe (some 40): the picture shows the
 # knobs that tell the demo's recipes apart and the results the runs are compared by.
 HPARAMS_COLUMNS = [
@@ -339,8 +340,14 @@ def diagnosis(page: Any, url: str, run: str, out: Path) -> None:
 
 def capture(url: str, args: argparse.Namespace) -> None:
     """Open TensorBoard in headless Chromium and write the four pictures."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
+    with urllib.request.urlopen(f"{url}/data/runs", timeout=30) as answer:
+        runs = json.load(answer)
+    if args.diagnosis_run not in runs or not any(re.search(args.runs, r) for r in runs):
+        sys.exit(f"--runs {args.runs!r} and --diagnosis-run {args.diagnosis_run!r} must name "
+                 f"runs of the log folder; its runs are {runs}")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as playwright:
         browser = playwright.chromium.launch_persistent_context(
@@ -349,9 +356,19 @@ def capture(url: str, args: argparse.Namespace) -> None:
         )  # fmt: skip
         try:
             page = browser.new_page()
-            custom_scalars(page, url, args.runs, args.out)
-            hparams(page, url, args.hparams_columns, args.out)
-            diagnosis(page, url, args.diagnosis_run, args.out)
+            for take in (
+                lambda: custom_scalars(page, url, args.runs, args.out),
+                lambda: hparams(page, url, args.hparams_columns, args.out),
+                lambda: diagnosis(page, url, args.diagnosis_run, args.out),
+            ):
+                try:
+                    take()
+                except PlaywrightTimeout as error:
+                    sys.exit(
+                        f"TensorBoard's page did not show what the picture needs within "
+                        f"{TIMEOUT_MS // 1000} s ({error.message.splitlines()[0]}): is the log "
+                        "folder a digits demo run, with the runs --runs and --diagnosis-run name?"
+                    )
         finally:
             browser.close()
     for name in ("custom_scalars", "gap", "hparams", "diagnosis"):
