@@ -8,8 +8,8 @@ pages with headless Chromium through Playwright, and stops TensorBoard, also on 
 - ``custom_scalars.png``: the Custom Scalars tab, ``reg/train_eval/loss`` against ``val_loss``
   for one seed's three recipes, with the legend;
 - ``gap.png``: the gap chart ``reg/gap/loss`` (val - train_eval, > 0: overfitting), with its legend;
-- ``hparams.png``: the HParams table view, one row per run, the hyperparameters that differ
-  between runs and the metrics, sorted by test accuracy when the runs carry it;
+- ``hparams.png``: the HParams table view, one row per run, with the settings that tell the
+  recipes apart and the test and gap metrics (``--hparams-columns``), sorted by test accuracy;
 - ``diagnosis.png``: the Text tab with the ``reg/diagnosis`` card of the plain baseline.
 
 Set-up, once, into the demo environment (``make demo`` creates ``.venv``; neither ``make demo`` nor
@@ -20,7 +20,7 @@ Set-up, once, into the demo environment (``make demo`` creates ``.venv``; neithe
 Playwright drives Debian's ``/usr/bin/chromium`` (never ``playwright install``, which downloads a
 browser of its own). Then::
 
-    .venv/bin/python scripts/tensorboard_screenshots.py                # runs the demo (~2-3 min)
+    .venv/bin/python scripts/tensorboard_screenshots.py                # with the demo: 2-10 min
     .venv/bin/python scripts/tensorboard_screenshots.py --logdir lightning_logs/digits
     .venv/bin/python scripts/tensorboard_screenshots.py -- --epochs 20 --seeds 0  # demo options
 """
