@@ -224,8 +224,16 @@ class RandomSource:
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
+        # whether the hooks drop: set by the callback per training batch (the model's mode then,
+        # so a frozen, eval-mode BatchNorm hooked by `blocks=` still drops); None: the hooked
+        # module's own `training` decides (the hooks used without the callback)
+        self.active: bool | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._seeded: set[torch.device] = set()
+
+    def dropping(self, module: nn.Module) -> bool:
+        """Whether a hook on ``module`` drops now (see :attr:`active`)."""
+        return module.training if self.active is None else self.active
 
     def reseed(self, seed: int) -> None:
         """Use ``seed`` from now on: each device's generator is reseeded at its next draw."""
@@ -260,7 +268,7 @@ class RandomSource:
 
 
 class BranchDrop:
-    """Forward hook: drops the hooked module's output per sample while the module trains.
+    """Forward hook: drops the hooked module's output per sample during training batches.
 
     The hooked module must produce the residual branch (before it is added to the shortcut).
     Python floats only: no host-device synchronisation.
@@ -271,7 +279,7 @@ class BranchDrop:
 
     def __call__(self, module: nn.Module, args: object, output: Tensor) -> Tensor | None:
         """The dropped output in training; ``None`` (output unchanged) otherwise."""
-        if not module.training or self.rate <= 0.0 or not isinstance(output, Tensor):
+        if not self.source.dropping(module) or self.rate <= 0.0 or not isinstance(output, Tensor):
             return None
         generator = self.source.keyed_generator(output.device, self.index)
         return drop_path(output, self.rate, True, generator)
@@ -320,7 +328,9 @@ class BranchSkip:
     def before(self, module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...] | None:
         """Forward pre-hook: the kept rows of the branch input in training; else ``None``."""
         self._draw = None
-        if not module.training or self.rate <= 0.0 or not args or not isinstance(args[0], Tensor):
+        if not self.source.dropping(module) or self.rate <= 0.0:
+            return None
+        if not args or not isinstance(args[0], Tensor):
             return None
         x = args[0]
         keep = 1.0 - self.rate

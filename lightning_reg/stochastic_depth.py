@@ -171,6 +171,7 @@ class StochasticDepth(Callback):
         if seed is None:
             seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
         self._run_seed, self._current = seed, 0.0
+        self._source.active = False
         if self.blocks is None and find_drop_path_modules(pl_module):
             self._attach_drop_path_modules(pl_module)
         else:
@@ -227,6 +228,16 @@ class StochasticDepth(Callback):
         if self._hooks:
             rank, step = trainer.global_rank, trainer.global_step
             self._source.reseed(step_seed(self._run_seed, rank, step, batch_idx))
+            # the model's mode decides, not the hooked module's (a frozen BatchNorm in eval mode
+            # hooked by `blocks=` would otherwise never drop)
+            self._source.active = pl_module.training
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        self._source.active = False  # evaluation passes between batches never drop
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

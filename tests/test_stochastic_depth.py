@@ -710,3 +710,37 @@ def test_standalone_pytorch_lightning_trainer(tmp_path):
     trainer.fit(module, loaders(size=8)[0])
     assert torch.cat(zeros).any() and not torch.cat(zeros).all()
     assert hooks_left(module) == 0
+
+
+class FreezeNormsAndCountDrops(pl.Callback):
+    """Puts every BatchNorm in eval mode each epoch (frozen-BN fine-tuning) and, with a hook
+    registered after StochasticDepth's on the hooked ``bn2``, counts the rows it zeroed."""
+
+    def __init__(self) -> None:
+        self.zeroed, self.rows, self.handle = 0, 0, None
+
+    def on_fit_start(self, trainer, pl_module):  # after StochasticDepth's (list order)
+        self.handle = pl_module.model[3].bn2.register_forward_hook(self._count)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        for module in pl_module.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+
+    def _count(self, module, args, output):
+        if torch.is_grad_enabled():  # training batches, not validation
+            self.zeroed += int((output.flatten(1).abs().sum(1) == 0).sum())
+            self.rows += output.shape[0]
+
+    def on_fit_end(self, trainer, pl_module):
+        self.handle.remove()
+
+
+def test_blocks_hooked_on_a_frozen_eval_mode_batchnorm_still_drop(tmp_path):
+    """The model's mode decides, not the hooked module's: a frozen BatchNorm used to turn the drop
+    off silently while `reg/stochastic_depth/rate` logged the full rate."""
+    probe = FreezeNormsAndCountDrops()
+    sd = StochasticDepth(rate=0.9, blocks=["model.[345].bn2"])
+    fit(tmp_path, callbacks=[sd, probe], max_epochs=1)
+    assert probe.rows == 32
+    assert 0.1 * 32 < probe.zeroed < 32  # the first block's rate is 0.3
