@@ -87,6 +87,13 @@ def split_groups(groups: list[dict[str, Any]], excluded: set[int]) -> list[int]:
     return origin
 
 
+def split_preview(groups: Sequence[dict[str, Any]], excluded: set[int]) -> list[dict[str, Any]]:
+    """What :func:`split_groups` makes of ``groups``, computed on copies (``groups`` untouched)."""
+    copies = [dict(group, params=list(group["params"])) for group in groups]
+    split_groups(copies, excluded)
+    return copies
+
+
 def extend_scheduler(scheduler: Any, optimizer: Any, origin: Sequence[int], old_count: int) -> None:
     """Give ``scheduler``'s per-group lists an entry for every group appended by the split.
 

@@ -116,17 +116,25 @@ def regularization_settings(trainer: pl.Trainer) -> dict[str, Any]:
     """The regularization settings of this run: our callbacks' options and the optimizers' decay.
 
     Every callback of this package exposes ``regularization_settings()``; param groups contribute
-    their ``weight_decay`` and ``lr``.
+    their ``weight_decay``, as ``WeightDecayExclusion`` leaves them (also when called before its
+    ``on_fit_start`` split).
     """
     from lightning_reg._utils import trainer_callbacks
 
     settings: dict[str, Any] = {}
-    for callback in trainer_callbacks(trainer):
+    callbacks = trainer_callbacks(trainer)
+    for callback in callbacks:
         describe = getattr(callback, "regularization_settings", None)
         if callable(describe):
             settings.update(describe())
+    # a WeightDecayExclusion whose on_fit_start has not run yet reports the groups it will make
+    previews = [getattr(cb, "param_groups_after_split", None) for cb in callbacks]
     for i, optimizer in enumerate(trainer.optimizers):
-        for j, group in enumerate(optimizer.param_groups):
+        groups = optimizer.param_groups
+        for preview in previews:
+            if callable(preview):
+                groups = preview(trainer.lightning_module, optimizer)
+        for j, group in enumerate(groups):
             name = group.get("name", f"pg{j}")
             settings[f"optimizer{i}/{type(optimizer).__name__}/{name}/weight_decay"] = float(
                 group.get("weight_decay", 0.0)

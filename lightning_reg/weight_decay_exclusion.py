@@ -30,6 +30,7 @@ from lightning_reg._optim import (
     link_groups,
     saved_group_layouts,
     split_groups,
+    split_preview,
 )
 from lightning_reg._utils import trainer_callbacks
 from lightning_reg.weight_decay import (
@@ -211,6 +212,20 @@ class WeightDecayExclusion(Callback):
                 )
         if self._saved is not None:
             self._check_checkpoint(trainer)
+
+    def param_groups_after_split(
+        self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> list[dict[str, Any]]:
+        """``optimizer``'s param groups as this callback leaves them.
+
+        The live groups once this fit split them (from this callback's ``on_fit_start`` on), a
+        preview on copies before that: hparams written by a callback whose ``on_fit_start`` runs
+        first (Lightning logs hparams right after that hook) show the decay actually used.
+        """
+        if any(layout.optimizer is optimizer for layout in self._layouts):
+            return optimizer.param_groups
+        split = split_parameters(pl_module, include_frozen=True, **self.rules)
+        return split_preview(optimizer.param_groups, _excluded(split))
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

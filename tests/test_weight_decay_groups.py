@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 
+from lightning_reg import WeightDecayExclusion
 from lightning_reg._optim import (
     GroupLink,
     extend_scheduler,
@@ -13,7 +15,8 @@ from lightning_reg._optim import (
     link_groups,
     split_groups,
 )
-from tests.helpers import CountScalarReads
+from lightning_reg.tensorboard import regularization_settings
+from tests.helpers import BlobsDataModule, CountScalarReads, TinyClassifier, trainer_kwargs
 
 
 def _model() -> nn.Sequential:
@@ -126,3 +129,33 @@ def test_a_mark_that_does_not_point_at_an_earlier_group_is_refused(mark):
     groups = [{"params": []}, {"params": [], "no_decay_of": mark}]
     with pytest.raises(ValueError, match="reordered"):
         link_groups(groups)
+
+
+class _SettingsAt(pl.Callback):
+    """Records ``regularization_settings`` in ``on_fit_start`` (listed before the exclusion, as
+    the gap monitor's hparams are) and in ``on_train_start`` (after every split)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, dict] = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        self.seen["fit_start"] = regularization_settings(trainer)
+
+    def on_train_start(self, trainer, pl_module):
+        self.seen["train_start"] = regularization_settings(trainer)
+
+
+def test_hparams_written_before_the_split_show_the_decay_actually_used(tmp_path):
+    """Lightning logs hparams right after on_fit_start; a writer listed before the exclusion saw
+    one decayed group (0.05) and no no-decay group, while training used both."""
+    record = _SettingsAt()
+    model = TinyClassifier(optimizer="adamw", weight_decay=0.05)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1, callbacks=[
+        record, WeightDecayExclusion(verbose=False)
+    ]))  # fmt: skip
+    trainer.fit(model, datamodule=BlobsDataModule())
+    early, late = record.seen["fit_start"], record.seen["train_start"]
+    assert early == late
+    assert late["optimizer0/AdamW/pg0/weight_decay"] == 0.05
+    assert late["optimizer0/AdamW/pg1/weight_decay"] == 0.0
+    assert len(trainer.optimizers[0].param_groups) == 2  # the preview left the optimizer alone
