@@ -20,7 +20,7 @@ TEST_VENV  := .venv-test
 TBIN       := $(TEST_VENV)/bin
 TEST_STAMP := $(TEST_VENV)/.installed
 
-.PHONY: demo test lint typecheck docs pytest matrix bench clean
+.PHONY: demo test lint typecheck docs pytest matrix bench screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,8 +61,14 @@ matrix: $(TEST_STAMP)
 
 test: lint typecheck docs pytest
 
-bench: $(STAMP)
-	for f in benchmarks/*.py; do $(BIN)/python $$f || exit 1; done
+# every CPU benchmark (the test environment: some need torchvision); gpu_check.py needs a GPU
+bench: $(TEST_STAMP)
+	for f in benchmarks/*.py; do [ "$$f" = benchmarks/gpu_check.py ] || $(TBIN)/python $$f || exit 1; done
+
+# TensorBoard screenshots for the docs (by hand; needs Debian's chromium: apt-get install chromium)
+screenshots: $(STAMP)
+	$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install --quiet playwright
+	$(BIN)/python scripts/tensorboard_screenshots.py
 
 clean:
 	rm -rf $(VENV) $(TEST_VENV) lightning_logs site .mypy_cache .ruff_cache
