@@ -120,3 +120,41 @@ def subset_loader(
         collate_fn=getattr(like, "collate_fn", None),
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def train_subset_loader(
+    owner: str,
+    trainer: Any,
+    dataset: Any,
+    subset_size: int,
+    seed: int,
+    batch_size: int | None,
+) -> DataLoader:
+    """This rank's loader over a fixed, seeded subset of the training set.
+
+    ``dataset`` (the training data with validation transforms) defaults to the train dataloader's;
+    the train loader's ``collate_fn`` and batch size are reused.
+
+    Raises:
+        RuntimeError: naming ``owner`` and the fix, when there is no map-style dataset.
+    """
+    train_loader = trainer.train_dataloader
+    if dataset is None:
+        dataset = getattr(train_loader, "dataset", None)
+    if not is_map_style(dataset):
+        what = type(dataset).__name__ if dataset is not None else "no single dataset"
+        raise RuntimeError(
+            f"{owner} needs a map-style training dataset (with `__len__` and `__getitem__`) to "
+            f"draw a fixed subset from, but the train dataloader has {what}. Pass `dataset=`: "
+            "the training data with validation transforms."
+        )
+    generator = torch.Generator().manual_seed(seed)  # the global RNG stays untouched
+    return subset_loader(
+        dataset,
+        draw_indices(dataset, min(subset_size, len(dataset)), generator),
+        rank=trainer.global_rank,
+        world_size=trainer.world_size,
+        batch_size=batch_size or getattr(train_loader, "batch_size", None) or 64,
+        like=train_loader,
+        seed=seed,
+    )

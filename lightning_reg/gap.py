@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from lightning_reg._eval_pass import evaluate_like_validation
 from lightning_reg._lightning import is_overridden, validated_weights
-from lightning_reg._subset import draw_indices, is_map_style, subset_loader
+from lightning_reg._subset import train_subset_loader
 from lightning_reg._utils import trainer_callbacks
 from lightning_reg.diagnosis import (
     ADVICE,
@@ -263,29 +263,11 @@ class GeneralizationGapMonitor(Callback):
         self._evaluated = key
 
     def _subset_loader(self, trainer: pl.Trainer) -> DataLoader:
-        if self._loader is not None:
-            return self._loader
-        train_loader = trainer.train_dataloader
-        dataset: Any = self.dataset
-        if dataset is None:
-            dataset = getattr(train_loader, "dataset", None)
-        if not is_map_style(dataset):
-            what = type(dataset).__name__ if dataset is not None else "no single dataset"
-            raise RuntimeError(
-                f"GeneralizationGapMonitor needs a map-style training dataset (with `__len__` and "
-                f"`__getitem__`) to draw a fixed subset from, but the train dataloader has {what}. "
-                "Pass `dataset=`: the training data with validation transforms."
-            )
-        generator = torch.Generator().manual_seed(self.seed)  # the global RNG stays untouched
-        self._loader = subset_loader(
-            dataset,
-            draw_indices(dataset, min(self.subset_size, len(dataset)), generator),
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            batch_size=self.batch_size or getattr(train_loader, "batch_size", None) or 64,
-            like=train_loader,
-            seed=self.seed,
-        )
+        if self._loader is None:
+            self._loader = train_subset_loader(
+                "GeneralizationGapMonitor", trainer, self.dataset, self.subset_size, self.seed,
+                self.batch_size,
+            )  # fmt: skip
         return self._loader
 
     def _dataloader_idx(self, trainer: pl.Trainer) -> int | None:
